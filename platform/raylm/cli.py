@@ -1,0 +1,153 @@
+"""The `raylm` command line: parse, validate the config (exit 2), run one stage function (exit 1 on failure).
+
+The same parser serves `jobs/*.py`, so `ray job submit -- python jobs/train.py -c X` behaves like `raylm train -c X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from raylm.config import Config, ConfigError, load_config
+
+# verb -> "module:function"; each stage is entered by one function named after its verb
+STAGES: dict[str, str] = {
+    "prepare": "raylm.data:prepare",
+    "train": "raylm.train:train",
+    "tune": "raylm.tune:tune",
+    "evaluate": "raylm.evaluate:evaluate",
+    "serve": "raylm.serve:serve",
+    "run": "raylm.run:run",
+}
+HELP = {
+    "validate": "check the config; print the resolved config",
+    "prepare": "Ray Data pipeline: read, clean, dedup, tokenize, pack, split, write shards",
+    "train": "one Ray Train run with DeepSpeed; exports the final model",
+    "tune": "Ray Tune search, each trial a Ray Train run; exports the best model",
+    "evaluate": "metrics on the held-out test split",
+    "serve": "deploy a model on Ray Serve and serve HTTP until stopped",
+    "run": "prepare, tune or train, evaluate, serve, one real request, summary",
+}
+
+
+class UsageError(Exception):
+    """Bad arguments: exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description="Raw text to a served language model on Ray.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for verb, text in HELP.items():
+        p = sub.add_parser(verb, help=text, description=text)
+        add_common_args(p, verb)
+    return parser
+
+
+def add_common_args(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("-c", "--config", required=True, help="experiment YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, YAML-typed); repeatable")
+    p.add_argument("--address", default=None, help="Ray cluster address (else RAY_ADDRESS, else a local cluster)")
+    if verb in ("evaluate", "serve"):
+        p.add_argument("--model", default=None, help="model directory (default: output_dir/model)")
+    if verb == "serve":
+        p.add_argument("--print-config", action="store_true",
+                       help="print the Ray Serve config (serveConfigV2 YAML) for this model and exit")
+    if verb == "run":
+        p.add_argument("--no-wait", action="store_true", help="exit after the sample request instead of serving")
+
+
+def stage_kwargs(verb: str, args: argparse.Namespace) -> dict:
+    kw = {}
+    if getattr(args, "model", None):
+        kw["model_dir"] = args.model
+    if verb == "run":
+        kw["wait"] = not args.no_wait
+    return kw
+
+
+def log_dir() -> str:
+    """Where Ray writes this session's logs (for the one-line failure message)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info = ray._private.worker.global_worker.node  # noqa: SLF001 - the only place Ray exposes it
+            return os.path.join(info.get_session_dir_path(), "logs") if info else str(ctx)
+    except Exception:  # noqa: BLE001 - best effort for an error message
+        pass
+    return "/tmp/ray/session_latest/logs"
+
+
+def main(argv: list[str] | None = None, verb: str | None = None) -> int:
+    """Entry point for `raylm` and for `jobs/<verb>.py` (which pass their verb)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if verb is not None:
+        argv = [verb, *argv]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(e.code or 0)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if args.verb == "validate":
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.verb == "serve" and args.print_config:
+        from raylm.serve import serve_config
+
+        print(serve_config(cfg, model_dir=args.model), end="")
+        return 0
+    return run_stage(args.verb, cfg, address=args.address, **stage_kwargs(args.verb, args))
+
+
+def run_stage(verb: str, cfg: Config, address: str | None = None, **kwargs) -> int:
+    module, _, func = STAGES[verb].partition(":")
+    try:
+        stage = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"raylm {verb}: not yet available ({e})", file=sys.stderr)
+        return 1
+    from raylm.runtime import ensure_ray
+
+    try:
+        ensure_ray(address)
+        stage(cfg, **kwargs)
+    except KeyboardInterrupt:
+        print(f"raylm {verb}: interrupted", file=sys.stderr)
+        return 130
+    except ConfigError as e:  # a config problem only visible with the data at hand (e.g. vocab mismatch)
+        print(str(e), file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback to the log file
+        logs = log_dir()
+        trace = Path(cfg.output_dir).expanduser() / "logs" / f"{verb}-error.log"
+        try:
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            trace.write_text(traceback.format_exc())
+        except OSError:
+            trace = Path("(unwritable)")
+        print(f"raylm {verb} failed: {type(e).__name__}: {first_line(e)}\n"
+              f"  traceback: {trace}\n  ray logs: {logs}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else repr(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
