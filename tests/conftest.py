@@ -50,3 +50,37 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900, cwd: Path
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+# ------------------------------------------------------------------ data stage (raylm.data.prepare), shared
+@pytest.fixture(scope="session")
+def prepared_lm(ray_session, tmp_path_factory):
+    """A causal-LM Config on builtin python-docs (a few modules), bpe vocab 512, block 64, already prepared."""
+    from raylm.config import load_config
+    from raylm.data import prepare
+
+    out = tmp_path_factory.mktemp("prepared_lm")
+    cfg = load_config(None, [
+        "name=prepared-lm", f"output_dir={out}", "model.task=causal_lm",
+        "data.sources=[{builtin: python-docs, max_docs: 60}]",
+        "data.tokenizer={train: {type: bpe, vocab_size: 512}}", "data.block_size=64", "data.shards_per_split=2",
+    ])
+    prepare(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def prepared_cls(ray_session, tmp_path_factory, minilm_path):
+    """A classification Config on configs/data/topics.jsonl with the MiniLM tokenizer and model, block 64, prepared."""
+    from raylm.config import load_config
+    from raylm.data import prepare
+
+    out = tmp_path_factory.mktemp("prepared_cls")
+    cfg = load_config(None, [
+        "name=prepared-cls", f"output_dir={out}", "model.task=classification", f"model.pretrained={minilm_path}",
+        f"data.sources=[{{path: {REPO / 'configs/data/topics.jsonl'}, format: jsonl, text_field: text, label_field: label}}]",
+        f"data.tokenizer={{pretrained: {minilm_path}}}", "data.block_size=64", "data.shards_per_split=2",
+        "data.clean.min_chars=20",
+    ])
+    prepare(cfg)
+    return cfg

@@ -292,6 +292,7 @@ class Autoscaling(Strict):
     target_ongoing_requests: float = Field(2, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="window Serve averages ongoing requests over")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Autoscaling":
@@ -303,6 +304,7 @@ class Autoscaling(Strict):
 class ServeCfg(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = Field("/", pattern=r"^/", description="URL prefix of this application (several can share a port)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     num_cpus_per_replica: float = Field(1, gt=0)
     num_gpus_per_replica: float = Field(0, ge=0)
@@ -312,6 +314,7 @@ class ServeCfg(Strict):
     max_new_tokens: int = Field(256, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     api_key_env: str | None = Field(None, description="env var holding the API key; requests then need a Bearer token")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (FastAPI) deployment")
 
 
 # --------------------------------------------------------------------------------------------- config

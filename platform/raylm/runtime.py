@@ -1,15 +1,25 @@
-"""Connecting to Ray: `--address`, else RAY_ADDRESS, else a local cluster; the runtime env workers need."""
+"""Connecting to Ray: `--address`, else RAY_ADDRESS, else a local cluster; the runtime env workers need.
+
+Under `ray job submit` the driver joins the cluster it runs in (`address="auto"`), and raylm reaches workers on
+every node through `py_modules` (Ray uploads the package once and puts it on each worker's path), so no node
+needs raylm installed. Whatever the job itself already sets in its runtime env (`--runtime-env-json`,
+`--working-dir`) wins: raylm only adds the fields the job left empty.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 import raylm
 
-# DS_ACCELERATOR=cpu silences DeepSpeed's accelerator probe on CPU workers; harmless on GPU nodes (it is only
-# set when the driver has no CUDA).
+log = logging.getLogger(__name__)
+
 PACKAGE_ROOT = Path(raylm.__file__).resolve().parent
+# set by Ray's job manager in a submitted job's driver process (ray._private.runtime_env.constants)
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def worker_env() -> dict[str, str]:
@@ -17,13 +27,45 @@ def worker_env() -> dict[str, str]:
     try:
         import torch
 
+        # DS_ACCELERATOR=cpu silences DeepSpeed's accelerator probe on CPU workers; only set without CUDA
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
     except ImportError:
         pass
-    # raylm's source root on workers' path, so a --working-dir job or a fresh node can import it uninstalled
+    # raylm's source root on workers' path, so workers on this machine import it even when it is not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT.parent), os.environ.get("PYTHONPATH")) if p)
     return env
+
+
+def in_submitted_job() -> bool:
+    return JOB_CONFIG_ENV in os.environ
+
+
+def job_runtime_env() -> dict:
+    """The runtime env `ray job submit` gave this driver (working_dir, pip, env_vars, ...); {} outside a job."""
+    try:
+        return (json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")) or {}).get("runtime_env") or {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def runtime_env(joining: bool) -> dict:
+    """What raylm's workers need. Joining an existing cluster: ship the package itself (`py_modules`), since
+    other nodes have neither this checkout nor an install; the job's own settings are never overridden."""
+    env_vars = worker_env()
+    renv: dict = {"env_vars": env_vars}
+    if joining:
+        # a driver-local PYTHONPATH means nothing on another node; py_modules puts raylm first on every worker
+        env_vars.pop("PYTHONPATH", None)
+        renv["py_modules"] = [str(PACKAGE_ROOT)]
+    job = job_runtime_env()
+    for key in set(renv) & set(job) - {"env_vars"}:
+        del renv[key]  # Ray refuses to merge a field both set (ray.init inside a job)
+    for key in set(env_vars) & set(job.get("env_vars") or {}):
+        del env_vars[key]
+    if not env_vars:
+        del renv["env_vars"]
+    return renv
 
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
@@ -32,13 +74,14 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": worker_env()}
+    address = address or os.environ.get("RAY_ADDRESS") or ("auto" if in_submitted_job() else None)
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
+        init_kwargs.setdefault("log_to_driver", True)
+        ray.init(address=address, runtime_env=runtime_env(joining=True), **init_kwargs)
     else:
         # Logical CPUs above the core count so Ray Data's read/map tasks can run beside training workers that
         # hold one CPU each (2 workers on a 2-core laptop would otherwise starve the data pipeline).
         init_kwargs.setdefault("num_cpus", max(4, os.cpu_count() or 1))
         # The dashboard stays on: without it, Tune over Ray Train V2 left placement groups behind (STACK-NOTES).
-        ray.init(runtime_env=runtime_env, include_dashboard=True, **init_kwargs)
+        init_kwargs.setdefault("include_dashboard", True)
+        ray.init(runtime_env=runtime_env(joining=False), **init_kwargs)

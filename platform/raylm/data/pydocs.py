@@ -1,0 +1,86 @@
+"""The embedded `python-docs` corpus: the running interpreter's standard-library docstrings, one document per module.
+
+Built at run time with `inspect` (no download): a module's docstring, then every public class (with its public
+methods) and function, each as its signature and docstring. Reprs that vary between processes (object addresses,
+a worker's redirected stdout) are blanked so the corpus is identical run to run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import io
+import re
+import sys
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+
+# modules with side effects at import (a browser, printing), platform-only ones, and the test suite
+SKIP = {
+    "antigravity", "this", "idlelib", "turtle", "turtledemo", "tkinter", "test", "ensurepip", "pydoc_data",
+    "msvcrt", "winreg", "winsound", "nt", "lib2to3", "xxlimited", "xxsubtype", "sre_compile", "sre_constants",
+    "sre_parse", "asyncio.__main__", "idlelib", "venv", "pip",
+}
+_VOLATILE = re.compile(r"<[^<>]*>")  # object reprs in default values: addresses, file names of this process
+
+
+def module_names() -> list[str]:
+    """Public standard-library modules of this interpreter, in a fixed order."""
+    import pkgutil
+
+    names = set()
+    for top in sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in SKIP):
+        names.add(top)
+        spec = importlib.util.find_spec(top) if top not in sys.builtin_module_names else None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        # a package's submodules are documents of their own, found on disk without importing them
+        for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=top + ".", onerror=lambda _: None):
+            leaves = info.name.split(".")[1:]
+            if not any(p.startswith("_") or "test" in p or p in SKIP for p in leaves) and info.name not in SKIP:
+                names.add(info.name)
+    return sorted(names)
+
+
+def _signature(obj) -> str:
+    try:
+        return _VOLATILE.sub("...", str(inspect.signature(obj)))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _doc(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return _VOLATILE.sub(lambda m: "..." if " at 0x" in m.group(0) else m.group(0), doc)
+
+
+def module_document(name: str) -> str | None:
+    """One module's documentation as plain text; None when it cannot be imported here."""
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            mod = importlib.import_module(name)
+    except BaseException:  # noqa: BLE001 - platform-specific or broken modules are skipped, not fatal
+        return None
+    parts = [f"Module {name}", _doc(mod)]
+    public = getattr(mod, "__all__", None)
+    # public names first, then documented private helpers defined here (real text, same interpreter every run)
+    own = sorted(n for n in vars(mod) if not n.startswith("__"))
+    names = (sorted(public) + [n for n in own if n not in public]) if isinstance(public, (list, tuple)) else own
+    for attr in names:
+        obj = getattr(mod, attr, None)
+        if obj is None or getattr(obj, "__module__", name) not in (name, None) and attr not in (public or ()):
+            continue  # re-exported from elsewhere: documented with its own module
+        if inspect.isclass(obj):
+            parts.append(f"class {attr}{_signature(obj)}\n{_doc(obj)}".rstrip())
+            for meth_name, meth in sorted(vars(obj).items()):
+                if meth_name.startswith("__") and meth_name not in ("__init__", "__call__") or not (
+                        callable(meth) or isinstance(meth, property)):
+                    continue
+                doc = _doc(meth)
+                if doc:
+                    parts.append(f"{attr}.{meth_name}{_signature(meth)}\n{doc}")
+        elif inspect.isroutine(obj):
+            parts.append(f"def {attr}{_signature(obj)}\n{_doc(obj)}".rstrip())
+    return "\n\n".join(p for p in parts if p.strip())

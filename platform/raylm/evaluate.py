@@ -1,0 +1,329 @@
+"""`raylm evaluate`: metrics of a model on the held-out test split, then metrics.json and report.md.
+
+The test shards are scored by Ray Data `map_batches` with a callable class (the model is loaded once per actor);
+each scorer returns per-row numbers (loss sums, token counts, probabilities) and the driver aggregates them into
+the task's metrics. Classification metrics come from scikit-learn; the majority-class baseline is the train
+split's most frequent label, scored on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from raylm.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+MASK_FRACTION = 0.15  # BERT's masking rate, applied with a fixed seed per row so runs are comparable
+NUM_COMPLETIONS = 3  # sampled completions for a causal LM, from the first test rows' opening tokens
+PROMPT_TOKENS = 16
+COMPLETION_TOKENS = 32
+ROC_POINTS = 101  # ROC curves kept in metrics.json are thinned to at most this many points per class
+
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+
+
+def load_model(model_dir: str, task: str, device: str = "cpu"):
+    import transformers
+
+    model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(model_dir)
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------ per-row scoring
+def score_causal_lm(model, batch: dict[str, np.ndarray], ctx: dict) -> dict[str, np.ndarray]:
+    """Next-token loss sum, token count and correct next-token predictions per packed row."""
+    import torch
+
+    ids = torch.as_tensor(np.stack(batch["input_ids"]).astype(np.int64), device=ctx["device"])
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return {
+        "loss_sum": losses.double().sum(1).cpu().numpy(),
+        "n_tokens": np.full(len(ids), targets.shape[1], dtype=np.int64),
+        "n_correct": (logits.argmax(-1) == targets).sum(1).cpu().numpy(),
+    }
+
+
+def mask_row(ids: np.ndarray, seed: int, mask_id: int, special: np.ndarray) -> np.ndarray:
+    """Positions to mask in one row: seeded by the row's content, so the same row is masked the same way
+    whatever the batching or the order the actors see rows in."""
+    rng = np.random.default_rng([seed, zlib.crc32(ids.astype(np.int32).tobytes())])
+    candidates = ~np.isin(ids, special)
+    chosen = (rng.random(len(ids)) < MASK_FRACTION) & candidates
+    if not chosen.any() and candidates.any():
+        chosen[rng.choice(np.flatnonzero(candidates))] = True
+    return chosen
+
+
+def score_masked_lm(model, batch: dict[str, np.ndarray], ctx: dict) -> dict[str, np.ndarray]:
+    """Loss sum, masked-token count and correct predictions per row, with fixed-seed [MASK] replacement."""
+    import torch
+
+    ids = np.stack(batch["input_ids"]).astype(np.int64)
+    chosen = np.stack([mask_row(row, ctx["seed"], ctx["mask_token_id"], ctx["special_ids"]) for row in ids])
+    masked = np.where(chosen, ctx["mask_token_id"], ids)
+    attention = np.stack(batch["attention_mask"]) if "attention_mask" in batch else (ids != ctx["pad_id"])
+    logits = model(input_ids=torch.as_tensor(masked, device=ctx["device"]),
+                   attention_mask=torch.as_tensor(attention.astype(np.int64), device=ctx["device"])).logits.float()
+    targets = torch.as_tensor(ids, device=ctx["device"])
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    where = torch.as_tensor(chosen, device=ctx["device"])
+    return {
+        "loss_sum": (losses.double() * where).sum(1).cpu().numpy(),
+        "n_tokens": chosen.sum(1).astype(np.int64),
+        "n_correct": ((logits.argmax(-1) == targets) & where).sum(1).cpu().numpy(),
+    }
+
+
+def score_classification(model, batch: dict[str, np.ndarray], ctx: dict) -> dict[str, np.ndarray]:
+    """Class probabilities and the true label per row."""
+    import torch
+
+    ids = torch.as_tensor(np.stack(batch["input_ids"]).astype(np.int64), device=ctx["device"])
+    attention = torch.as_tensor(np.stack(batch["attention_mask"]).astype(np.int64), device=ctx["device"])
+    probs = torch.softmax(model(input_ids=ids, attention_mask=attention).logits.float(), -1)
+    return {"label": np.asarray(batch["label"], dtype=np.int64), "probs": probs.cpu().numpy()}
+
+
+SCORERS: dict[str, Callable] = {
+    "causal_lm": score_causal_lm,
+    "masked_lm": score_masked_lm,
+    "classification": score_classification,
+}
+
+
+class SplitScorer:
+    """Ray Data callable class: loads the model once per actor, scores batches of test rows."""
+
+    def __init__(self, model_dir: str, task: str, ctx: dict):
+        import torch
+
+        self.ctx = dict(ctx, device="cuda" if ctx.get("use_gpu") and torch.cuda.is_available() else "cpu")
+        self.task = task
+        self.model = load_model(model_dir, task, self.ctx["device"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            return SCORERS[self.task](self.model, batch, self.ctx)
+
+
+# ------------------------------------------------------------------------------- driver aggregation
+def aggregate_lm(cols: dict[str, np.ndarray], ctx: dict) -> dict[str, Any]:
+    tokens = int(cols["n_tokens"].sum())
+    loss = float(cols["loss_sum"].sum() / max(tokens, 1))
+    accuracy_key = "token_accuracy" if ctx["task"] == "causal_lm" else "masked_token_accuracy"
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
+        accuracy_key: float(cols["n_correct"].sum() / max(tokens, 1)),
+        "tokens_scored": tokens,
+    }
+
+
+def roc_points(y_true: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y_true, scores)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
+    return {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}
+
+
+def aggregate_classification(cols: dict[str, np.ndarray], ctx: dict) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    labels, probs = cols["label"], np.asarray(cols["probs"], dtype=np.float64)
+    names: list[str] = ctx["label_names"]
+    class_ids = list(range(len(names)))
+    preds = probs.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, preds, labels=class_ids, average=None, zero_division=0)
+    present = [c for c in class_ids if (labels == c).any()]
+    auc_per_class, roc = {}, {}
+    for c in present:
+        if 0 < (labels == c).sum() < len(labels):  # AUC needs both positives and negatives
+            auc_per_class[names[c]] = float(roc_auc_score(labels == c, probs[:, c]))
+            roc[names[c]] = roc_points(labels == c, probs[:, c])
+    majority = ctx["majority_label"]
+    baseline_preds = np.full_like(labels, majority)
+    _, _, baseline_f1, _ = precision_recall_fscore_support(
+        labels, baseline_preds, labels=class_ids, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "per_class": {names[c]: {"precision": float(precision[c]), "recall": float(recall[c]),
+                                 "f1": float(f1[c]), "support": int(support[c])} for c in class_ids},
+        "auc_roc_macro": float(np.mean(list(auc_per_class.values()))) if auc_per_class else None,
+        "auc_roc": auc_per_class,
+        "confusion_matrix": {"labels": names,  # rows: true label, columns: predicted label
+                             "matrix": confusion_matrix(labels, preds, labels=class_ids).tolist()},
+        "baseline": {"kind": "majority_class", "label": names[majority],
+                     "accuracy": float((labels == majority).mean()), "macro_f1": float(baseline_f1)},
+        "roc_curves": roc,
+    }
+
+
+AGGREGATES: dict[str, Callable[[dict, dict], dict]] = {
+    "causal_lm": aggregate_lm,
+    "masked_lm": aggregate_lm,
+    "classification": aggregate_classification,
+}
+
+
+# --------------------------------------------------------------------------------------- completions
+def sample_completions(model_dir: str, prompts: list[list[int]], seed: int, use_gpu: bool) -> list[dict]:
+    """A few sampled continuations of fixed prompts (run as a Ray task next to the scorers)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, "causal_lm", device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # the model cannot attend past its context: a completion stops there
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    out = []
+    for i, prompt in enumerate(prompts):
+        torch.manual_seed(seed + i)
+        ids = torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
+                                 max_new_tokens=max(1, min(COMPLETION_TOKENS, context - len(prompt))),
+                                 pad_token_id=pad)
+        out.append({"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(gen[0, len(prompt):])})
+    return out
+
+
+def first_rows(split_dir: Path, n: int, columns: list[str]) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    rows: dict[str, list] = {c: [] for c in columns}
+    for shard in sorted(split_dir.glob("*.parquet")):
+        table = pq.read_table(shard, columns=columns).slice(0, n - len(rows[columns[0]]))
+        for c in columns:
+            rows[c].extend(table.column(c).to_pylist())
+        if len(rows[columns[0]]) >= n:
+            break
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- the stage
+def scoring_context(cfg: Config, model_dir: Path, manifest: dict) -> dict[str, Any]:
+    """What the scorers and aggregators need besides the rows: special ids, label names, the baseline."""
+    task = cfg.model.task
+    special = manifest.get("special_tokens") or {}
+    ctx: dict[str, Any] = {"task": task, "seed": cfg.seed, "use_gpu": cfg.train.use_gpu,
+                           "pad_id": special.get("pad_token_id")}
+    if task == "masked_lm":
+        if special.get("mask_token_id") is None:
+            raise ConfigError("model.task", "masked_lm evaluation needs a [MASK] token in the tokenizer")
+        ctx["mask_token_id"] = special["mask_token_id"]
+        ctx["special_ids"] = np.array([v for v in special.values() if v is not None and v != special["mask_token_id"]])
+    if task == "classification":
+        model_config = json.loads((model_dir / "config.json").read_text())
+        id2label = {int(k): v for k, v in (model_config.get("id2label") or {}).items()}
+        if not id2label and manifest.get("label_map"):
+            id2label = {i: name for name, i in manifest["label_map"].items()}
+        ctx["label_names"] = [str(id2label[i]) for i in range(len(id2label))]
+        ctx["majority_label"] = majority_label(cfg.path("data", "train"))
+    return ctx
+
+
+def majority_label(train_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    counts: dict[int, int] = {}
+    for shard in sorted(train_dir.glob("*.parquet")):
+        for label in pq.read_table(shard, columns=["label"]).column("label").to_pylist():
+            counts[label] = counts.get(label, 0) + 1
+    if not counts:
+        raise FileNotFoundError(f"no training labels under {train_dir} for the majority-class baseline")
+    return max(sorted(counts), key=counts.get)
+
+
+def score_test_split(cfg: Config, model_dir: Path, ctx: dict) -> dict[str, np.ndarray]:
+    """Scores every test row with Ray Data actors; returns the per-row outputs as concatenated columns."""
+    import ray
+
+    test_dir = cfg.path("data", "test")
+    if not any(test_dir.glob("*.parquet")):
+        raise FileNotFoundError(f"no test shards under {test_dir}; run `raylm prepare` first")
+    columns = ["input_ids"] + {"classification": ["attention_mask", "label"]}.get(cfg.model.task, [])
+    ds = ray.data.read_parquet(str(test_dir), columns=columns)
+    scored = ds.map_batches(
+        SplitScorer,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "task": cfg.model.task, "ctx": ctx},
+        batch_size=max(cfg.train.batch_size, 8),
+        batch_format="numpy",
+        # one actor per training worker's worth of resources, at least one; a laptop gets one
+        concurrency=(1, max(1, cfg.train.num_workers)),
+        num_cpus=cfg.train.cpus_per_worker,
+        num_gpus=1 if cfg.train.use_gpu else 0,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(np.asarray(value) if value.dtype != object else np.stack(value))
+    if not parts:
+        raise ValueError(f"the test split under {test_dir} has no rows")
+    return {key: np.concatenate(chunks) for key, chunks in parts.items()}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """Scores the model on the test split; writes metrics.json, report.md and plots/*.png."""
+    import ray
+
+    from raylm.report import write_report
+
+    start = time.time()
+    model_dir = Path(model_dir).expanduser() if model_dir else cfg.path("model")
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"no model at {model_dir} (run `raylm train` or `raylm tune`, or pass --model)")
+    manifest_path = cfg.path("data", "manifest.json")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    task = cfg.model.task
+    ctx = scoring_context(cfg, model_dir, manifest)
+    log.info("evaluate: scoring %s (%s) on %s", model_dir, task, cfg.path("data", "test"))
+
+    completions_ref = None
+    if task == "causal_lm":
+        prompt_len = min(PROMPT_TOKENS, cfg.data.block_size // 2)
+        prompts = [ids[:prompt_len] for ids in first_rows(cfg.path("data", "test"), NUM_COMPLETIONS, ["input_ids"])["input_ids"]]
+        completions_ref = ray.remote(sample_completions).options(
+            num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+        ).remote(str(model_dir), prompts, cfg.seed, cfg.train.use_gpu)
+
+    cols = score_test_split(cfg, model_dir, ctx)
+    metrics: dict[str, Any] = {"task": task, "split": "test", "model_dir": str(model_dir),
+                               "rows": int(len(next(iter(cols.values())))), **AGGREGATES[task](cols, ctx)}
+    if completions_ref is not None:
+        metrics["completions"] = ray.get(completions_ref)
+    metrics["wall_time_s"] = round(time.time() - start, 2)
+    write_json_atomic(cfg.path("metrics.json"), metrics)
+    write_report(cfg, metrics, model_dir)
+    log.info("evaluate: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics

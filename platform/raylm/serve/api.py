@@ -1,0 +1,315 @@
+"""The HTTP ingress: a FastAPI app (OpenAI-compatible completions, classify, fill-mask) in front of ModelServer.
+
+Every client mistake becomes a 4xx `{"error": {"message", "type"}}`; limits, auth and the body-size cap are
+checked here so the model replicas only ever see valid work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from raylm.serve.model import context_length, load_tokenizer, model_task
+
+log = logging.getLogger("ray.serve")
+
+# route -> the task it needs; a mismatch is a 400 that names the served task and its route
+ROUTE_TASKS: dict[str, str] = {"/v1/completions": "causal_lm", "/v1/classify": "classification",
+                               "/v1/fill-mask": "masked_lm"}
+TASK_ROUTES = {task: route for route, task in ROUTE_TASKS.items()}
+ERROR_TYPES: dict[int, str] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                               405: "invalid_request_error", 413: "request_too_large", 503: "overloaded_error"}
+OPEN_PATHS = ("/healthz",)  # reachable without the API key (load balancer probes)
+
+
+# ------------------------------------------------------------------------------------------ requests
+class ApiRequest(BaseModel):
+    # unknown OpenAI fields (user, logprobs, echo, ...) are accepted and ignored, as clients send them
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+
+
+class CompletionRequest(ApiRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = None
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+
+    @field_validator("max_tokens", "n", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be an integer")
+        return v
+
+
+class ClassifyRequest(ApiRequest):
+    inputs: Annotated[list[str], Field(min_length=1, max_length=256)]
+    return_all_scores: StrictBool = False
+
+
+class FillMaskRequest(ApiRequest):
+    inputs: Annotated[list[str], Field(min_length=1, max_length=256)]
+    top_k: int = Field(5, ge=1, le=100)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_ or ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def error_response(status: int, message: str, type_: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_ or ERROR_TYPES.get(status, "invalid_request_error")}},
+                        status_code=status, headers=headers)
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+# ----------------------------------------------------------------------------------------- middleware
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Pure ASGI: Bearer auth (constant-time), body-size cap (413), and JSON bodies sent as forms (curl -d)."""
+
+    def __init__(self, app, max_bytes: int, digest: bytes | None):
+        self.app, self.max_bytes, self.digest = app, max_bytes, digest
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) or "/"
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if self.digest is not None and path not in OPEN_PATHS:
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            # compare digests of equal length in constant time; the key itself is never logged or echoed
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key_digest(token.strip()), self.digest):
+                return await error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+        if scope["method"] == "POST" and headers.get(b"content-type", b"").split(b";")[0] in (
+                b"", b"application/x-www-form-urlencoded"):
+            # `curl -d '{...}'` labels JSON as a form: a JSON API reads it as the JSON it is
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")])
+        seen, started = 0, False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    # drop pydantic's union-member names (e.g. "str", "list[str]") from the location
+    loc = ".".join(p for p in loc.split(".") if not p.startswith(("list[", "str", "function-", "int", "constrained")))
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+# ------------------------------------------------------------------------------------------ ingress
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """Validates, authenticates and routes HTTP requests to the model deployment's handle."""
+
+    def __init__(self, model, name: str, model_dir: str, task: str | None = None, max_prompt_tokens: int = 1024,
+                 max_new_tokens: int = 256, max_request_bytes: int = 1_000_000, api_key_sha256: str | None = None,
+                 api_key_env: str | None = None):
+        import os
+
+        self.model = model
+        self.name = name
+        self.task = model_task(model_dir, task)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.context = context_length(model_dir)
+        self.max_prompt_tokens, self.max_new_tokens, self.max_request_bytes = (
+            max_prompt_tokens, max_new_tokens, max_request_bytes)
+        self.digest: bytes | None = bytes.fromhex(api_key_sha256) if api_key_sha256 else None
+        if self.digest is None and api_key_env:
+            # on a cluster (serveConfigV2) the key reaches replicas as an env var, e.g. from a Kubernetes Secret
+            if not os.environ.get(api_key_env):
+                raise RuntimeError(f"serve.api_key_env: environment variable {api_key_env} is not set on this node")
+            self.digest = key_digest(os.environ[api_key_env])
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
+    # -------------------------------------------------------------------------------------- checks
+    def check(self, route: str, model: str | None) -> None:
+        if ROUTE_TASKS[route] != self.task:
+            raise ApiError(400, f"{route} needs a {ROUTE_TASKS[route]} model; this server serves {self.name!r}, "
+                                f"a {self.task} model: use {TASK_ROUTES[self.task]}")
+        if model is not None and model != self.name:
+            raise ApiError(404, f"model {model!r} is not served here; the served model is {self.name!r}",
+                           "model_not_found")
+
+    def count_tokens(self, texts: list[str], what: str) -> list[int]:
+        counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for i, n in enumerate(counts):
+            if n > self.max_prompt_tokens:
+                raise ApiError(400, f"{what}[{i}] has {n} tokens; the limit is max_prompt_tokens={self.max_prompt_tokens}",
+                               "context_length_exceeded")
+        return counts
+
+    def completion_job(self, body: CompletionRequest) -> dict:
+        self.check("/v1/completions", body.model)
+        if body.max_tokens > self.max_new_tokens:
+            raise ApiError(400, f"max_tokens={body.max_tokens} is over the limit max_new_tokens={self.max_new_tokens}")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        counts = self.count_tokens(prompts, "prompt")
+        start = self.tokenizer.bos_token or self.tokenizer.eos_token or ""
+        # an empty prompt starts from the document separator, as OpenAI's models do
+        prompts = [p if n else start for p, n in zip(prompts, counts)]
+        max_tokens = body.max_tokens
+        if self.context is not None:
+            longest = max(max(counts), 1)
+            if longest >= self.context:
+                raise ApiError(400, f"prompt has {longest} tokens; the model's context is {self.context} tokens",
+                               "context_length_exceeded")
+            max_tokens = min(max_tokens, self.context - longest)  # generation stops at the context's end
+        stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
+        return {"prompts": prompts, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                "stop": stop, "n": body.n, "seed": body.seed}
+
+
+def build_api(ingress: Ingress) -> FastAPI:
+    """The FastAPI app of one ingress replica (built on the replica, so it closes over its settings)."""
+    app = FastAPI(title="raylm", description=f"Serving {ingress.name} ({ingress.task}) on Ray Serve",
+                  version="0.1.0")
+    app.add_middleware(GuardMiddleware, max_bytes=ingress.max_request_bytes, digest=ingress.digest)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(400, validation_message(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, BackPressureError):
+            return error_response(503, "the model is overloaded; retry shortly")
+        log.exception("request failed: %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error; see the Ray Serve replica logs", "server_error")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "model": ingress.name, "task": ingress.task,
+                "route": TASK_ROUTES[ingress.task], "replica": await ingress.model.stats.remote()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": ingress.name, "object": "model", "created": 0,
+                                            "owned_by": "raylm", "task": ingress.task}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        job = ingress.completion_job(body)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": ingress.name}
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(sse_events(ingress, job, meta, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        choices = await ingress.model.complete.remote(job)
+        prompt_tokens = sum(c["prompt_tokens"] for c in choices if c["index"] % job["n"] == 0)
+        completion_tokens = sum(c["completion_tokens"] for c in choices)
+        return {**meta, "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
+                                     "finish_reason": c["finish_reason"]} for c in choices],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict:
+        ingress.check("/v1/classify", body.model)
+        ingress.count_tokens(body.inputs, "inputs")
+        results = await ingress.model.classify.remote({"inputs": body.inputs,
+                                                       "return_all_scores": body.return_all_scores})
+        return {"model": ingress.name, "results": results}
+
+    @app.post("/v1/fill-mask")
+    async def fill_mask(body: FillMaskRequest) -> dict:
+        ingress.check("/v1/fill-mask", body.model)
+        mask = ingress.tokenizer.mask_token
+        for i, text in enumerate(body.inputs):
+            if mask not in text:
+                raise ApiError(400, f"inputs[{i}] has no {mask} token to fill")
+        ingress.count_tokens(body.inputs, "inputs")
+        results = await ingress.model.fill_mask.remote({"inputs": body.inputs, "top_k": body.top_k})
+        return {"model": ingress.name, "mask_token": mask, "results": results}
+
+    return app
+
+
+async def sse_events(ingress: Ingress, job: dict, meta: dict, include_usage: bool):
+    """OpenAI-style server-sent events: one `data: {chunk}` per text delta, a finish chunk, then `[DONE]`."""
+
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    prompt_tokens = completion_tokens = 0
+    try:
+        async for ev in ingress.model.options(stream=True).stream.remote(job):
+            finish = ev.get("finish_reason")
+            yield event({**meta, "choices": [{"text": ev.get("text", ""), "index": ev["index"], "logprobs": None,
+                                              "finish_reason": finish}]})
+            if finish is not None:
+                completion_tokens += ev["completion_tokens"]
+                prompt_tokens += ev["prompt_tokens"] if ev["index"] % job["n"] == 0 else 0
+        if include_usage:
+            yield event({**meta, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                                          "completion_tokens": completion_tokens,
+                                                          "total_tokens": prompt_tokens + completion_tokens}})
+    except Exception:  # noqa: BLE001 - the status line is sent; report in-band, then close the stream
+        log.exception("stream failed")
+        yield event({"error": {"message": "generation failed; see the Ray Serve replica logs", "type": "server_error"}})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,103 @@
+"""`raylm train`: a Ray Train TorchTrainer whose workers run DeepSpeed on streamed Parquet shards, then HF export.
+
+- `train(cfg)`: one run -> output_dir/train/ (Ray results, checkpoints) and output_dir/model/; returns the summary.
+- `make_trainer(cfg, storage_path=None, name=None, callbacks=None)`: the TorchTrainer alone (Tune builds one per
+  trial with `callbacks=[TuneReportCallback()]`).
+- `export_result(cfg, result, model_dir=None)`: a Ray Train `Result` -> `model/` (its best checkpoint by val_loss).
+- `loop.fit(...)`: the per-worker loop without Ray (world size 1 on a GPU, see bench/bench_train.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from raylm.config import Config
+from raylm.train.export import checkpoint_state, export_checkpoint, training_summary
+from raylm.train.loop import FAULT_ENV, train_loop_per_worker
+from raylm.train.models import model_config, read_manifest
+
+__all__ = ["train", "make_trainer", "export_result", "check_inputs"]
+
+
+def check_inputs(cfg: Config) -> dict:
+    """Fail fast, before any Ray work, on missing shards and data/model mismatches; returns the manifest."""
+    manifest = read_manifest(cfg)
+    for split in ("train", "val"):
+        d = cfg.path("data", split)
+        if not d.is_dir() or not any(d.glob("*.parquet")):
+            raise FileNotFoundError(f"no Parquet shards in {d}: run `raylm prepare -c <config>` first")
+    model_config(cfg, manifest)  # raises ConfigError on vocab / task / block size mismatches
+    return manifest
+
+
+def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str | None = None,
+                 callbacks: list | None = None, manifest: dict | None = None):
+    import os
+
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest = manifest or check_inputs(cfg)
+    t = cfg.train
+    datasets = {split: ray.data.read_parquet(str(cfg.path("data", split).resolve())) for split in ("train", "val")}
+    run_config = RunConfig(
+        name=name or f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=str(Path(storage_path or cfg.path("train")).expanduser().resolve()),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
+                                           checkpoint_score_order="min"),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        callbacks=callbacks,
+    )
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "manifest": manifest,
+                   "fault_at_step": os.environ.get(FAULT_ENV)}  # test hook: crash one worker once at this step
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # val is read whole by each worker, then divided
+    )
+
+
+def best_checkpoint(result, best_step: int | None = None):
+    """The checkpoint of the best evaluation (early stopping's `best_step`, which honours min_delta), else the
+    lowest val_loss among those Ray kept; with its metrics."""
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if "val_loss" in m]
+    if not ranked:
+        raise RuntimeError(f"training produced no checkpoint (results in {result.path})")
+    at_best = [cm for cm in ranked if cm[1].get("step") == best_step]
+    return at_best[0] if at_best else min(ranked, key=lambda cm: (cm[1]["val_loss"], -cm[1]["step"]))
+
+
+def export_result(cfg: Config, result, model_dir: str | Path | None = None, manifest: dict | None = None) -> dict:
+    """Export a Ray Train `Result`'s best checkpoint to `model_dir` (default output_dir/model); returns the summary."""
+    manifest = manifest or read_manifest(cfg)
+    state = {}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as last_dir:
+            state = checkpoint_state(last_dir)  # the latest checkpoint has the full history
+    ckpt, metrics = best_checkpoint(result, state.get("best_step"))
+    with ckpt.as_directory() as ckpt_dir:
+        summary = training_summary(state, metrics, ckpt.path)
+        summary["early_stopped"] = bool((result.metrics or {}).get("early_stopped"))
+        summary["results_path"] = result.path
+        out = export_checkpoint(cfg, manifest, ckpt_dir, model_dir, summary)
+    summary["model_dir"] = str(out)
+    return summary
+
+
+def train(cfg: Config) -> dict:
+    manifest = check_inputs(cfg)
+    start = time.time()
+    result = make_trainer(cfg, manifest=manifest).fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    summary = export_result(cfg, result, manifest=manifest)
+    summary["total_wall_time_s"] = time.time() - start
+    print(f"[raylm train] exported step {summary['best_step']} (val_loss {summary['val'].get('val_loss', 0):.4f}) "
+          f"to {summary['model_dir']} in {summary['total_wall_time_s']:.0f}s")
+    return summary

@@ -1,0 +1,364 @@
+"""The per-worker training loop: DeepSpeed engine from the config, batches in, evaluations and checkpoints out.
+
+`fit(cfg, manifest, train_epoch, val_batches, hooks)` is the whole loop and needs no Ray (a GPU benchmark drives it
+at world size 1 with plain iterables); `train_loop_per_worker(config)` wires it to Ray Train: dataset shards,
+`ray.train.report` with checkpoints, and resume from `ray.train.get_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylm.config import Config
+from raylm.train.models import build_model
+
+CKPT_TAG = "ds"  # the DeepSpeed tag inside every checkpoint directory
+STATE_FILE = "raylm_state.json"  # written last by rank 0: a checkpoint without it is incomplete
+PROBE_FILE = "probe.pt"  # fixed inputs and the live model's logits on them, to check exports against
+FAULT_ENV = "RAYLM_FAULT_AT_STEP"  # tests: crash one worker once at this step (fault-tolerance check)
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed config
+def ds_config(cfg: Config) -> dict:
+    """The DeepSpeed config dict, built from `train` (optimizer params; the scheduler is passed separately)."""
+    t, d = cfg.train, cfg.train.deepspeed
+    zero: dict = {"stage": d.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.clip_grad_norm or 0.0,
+        # torch_adam: PyTorch's AdamW instead of compiling DeepSpeed's fused_adam (a slow first build on CPU)
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if d.tensor_parallel > 1:  # AutoTP: shards linear layers across GPUs (validated to need use_gpu)
+        config["tensor_parallel"] = {"autotp_size": d.tensor_parallel}
+    return config
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (nanoGPT): biases and norms are not decayed; frozen params left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def total_steps(cfg: Config, manifest: dict, world_size: int) -> int:
+    t = cfg.train
+    if t.max_steps is not None:
+        return t.max_steps
+    rows = manifest["splits"]["train"]["rows"]
+    per_epoch = max(1, rows // (t.batch_size * world_size * t.grad_accum))
+    return max(1, math.ceil(t.epochs * per_epoch))
+
+
+def build_engine(cfg: Config, manifest: dict, steps: int):
+    import deepspeed
+    from transformers import get_scheduler
+
+    model = build_model(cfg, manifest)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config(cfg),
+        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=cfg.train.warmup_steps,
+                                               num_training_steps=steps))
+    return engine
+
+
+# ------------------------------------------------------------------------------------------------ batches
+class Masker:
+    """BERT masking (15% of non-special tokens; 80% [MASK], 10% random, 10% kept) via transformers' collator."""
+
+    def __init__(self, cfg: Config, manifest: dict, seed: int):
+        from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+        tok = AutoTokenizer.from_pretrained(str(cfg.path("data", "tokenizer")))
+        self.collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+        self.collator.generator = torch.Generator().manual_seed(seed)
+        self.special = torch.tensor(sorted(set(tok.all_special_ids)))
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collator.torch_mask_tokens(ids.clone(), special_tokens_mask=torch.isin(ids, self.special))
+
+
+def as_long(column) -> torch.Tensor:
+    """A batch column as int64: tensors, numpy arrays, or numpy object arrays of equal-length lists."""
+    if isinstance(column, np.ndarray) and column.dtype == object:
+        column = np.stack(column)
+    return torch.as_tensor(np.asarray(column) if isinstance(column, list) else column).long()
+
+
+def model_inputs(task: str, batch: dict, masker: Masker | None, device) -> tuple[dict, int]:
+    """Model kwargs for one batch of shard rows, and the number of tokens the loss is averaged over."""
+    ids = as_long(batch["input_ids"])
+    if task == "causal_lm":
+        inputs, n = {"input_ids": ids, "labels": ids}, ids.numel() - ids.shape[0]
+    elif task == "masked_lm":
+        masked, labels = masker(ids)
+        inputs, n = {"input_ids": masked, "labels": labels}, int((labels != -100).sum())
+    else:
+        inputs = {"input_ids": ids, "attention_mask": as_long(batch["attention_mask"]),
+                  "labels": as_long(batch["label"])}
+        n = ids.shape[0]
+    return {k: v.to(device) for k, v in inputs.items()}, n
+
+
+# -------------------------------------------------------------------------------------------------- state
+@dataclass
+class State:
+    """Everything besides the DeepSpeed engine that a resume needs (saved as the checkpoint's client state)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: the data position
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    train_time_s: float = 0.0
+    history: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    resumed_from: list = field(default_factory=list)  # steps this run restarted from after a failure
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to its runner: Ray Train, or plain callables for a run without Ray."""
+
+    report: Callable[[dict, str | None], None] = lambda metrics, ckpt_dir: None
+    restore_dir: str | None = None  # a checkpoint directory to resume from
+    rank: int = 0
+    world_size: int = 1
+    log: Callable[[str], None] = print
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def fmt_eta(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# --------------------------------------------------------------------------------------------------- loop
+def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]],
+        val_batches: Callable[[], Iterable[dict]], hooks: Hooks = Hooks()) -> dict:
+    """Train until max_steps/epochs or early stopping; returns the final state as a dict (rank 0's is used)."""
+    t = cfg.train
+    task = cfg.model.task
+    steps = total_steps(cfg, manifest, hooks.world_size)
+    engine = build_engine(cfg, manifest, steps)
+    device = engine.device
+    state = State()
+    if hooks.restore_dir:
+        _, client = engine.load_checkpoint(hooks.restore_dir, tag=CKPT_TAG)
+        state = State(**client["raylm"])
+        state.resumed_from.append(state.step)
+        torch.set_rng_state(client["rng"])
+        hooks.log(f"resumed from checkpoint at step {state.step} (epoch {state.epoch}, "
+                  f"batch {state.batches_in_epoch})")
+    torch.manual_seed(cfg.seed + 1000 * hooks.rank + state.step)
+    masker = Masker(cfg, manifest, seed=cfg.seed + hooks.rank) if task == "masked_lm" else None
+    val_masker = Masker(cfg, manifest, seed=cfg.seed) if task == "masked_lm" else None
+    probe = None  # fixed rows from val for the export check, taken on first evaluation
+
+    def evaluate() -> dict:
+        nonlocal probe
+        engine.eval()
+        local = []
+        for i, batch in enumerate(val_batches()):
+            if t.eval_batches and i >= t.eval_batches * hooks.world_size:
+                break
+            if i % hooks.world_size == hooks.rank:
+                local.append(batch)
+        # every rank runs the same number of forwards (ZeRO-3 gathers params collectively); extras weigh 0
+        n_fwd = int(max(all_sum([0.0] * hooks.rank + [len(local)] + [0.0] * (hooks.world_size - hooks.rank - 1),
+                                device)))
+        if val_masker is not None:
+            val_masker.collator.generator = torch.Generator().manual_seed(cfg.seed)
+        loss_sum = n_sum = correct = 0.0
+        with torch.no_grad():
+            for i in range(n_fwd):
+                batch = local[i] if i < len(local) else (local[0] if local else None)
+                if batch is None:  # no val rows on this rank at all: a dummy forward
+                    batch = {k: [[0] * manifest["block_size"]] if k != "label" else [0]
+                             for k in ("input_ids", "attention_mask", "label")}
+                inputs, n = model_inputs(task, batch, val_masker, device)
+                out = engine(**inputs)
+                if i < len(local):
+                    loss_sum += float(out.loss) * n
+                    n_sum += n
+                    if task == "classification":
+                        correct += float((out.logits.argmax(-1) == inputs["labels"]).sum())
+        if probe is None and local:
+            probe = {"input_ids": as_long(local[0]["input_ids"])[:2]}
+            if task == "classification":
+                probe["attention_mask"] = as_long(local[0]["attention_mask"])[:2]
+        loss_sum, n_sum, correct = all_sum([loss_sum, n_sum, correct], device)
+        engine.train()
+        val_loss = loss_sum / max(n_sum, 1)
+        if task == "classification":
+            return {"val_loss": val_loss, "val_accuracy": correct / max(n_sum, 1)}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def save_checkpoint(directory: str) -> None:
+        client = {"raylm": state.__dict__, "rng": torch.get_rng_state()}
+        engine.save_checkpoint(directory, tag=CKPT_TAG, client_state=client)
+        probe_logits = None
+        if probe is not None:  # all ranks forward (ZeRO-3), rank 0 writes
+            engine.eval()
+            with torch.no_grad():
+                probe_logits = engine(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
+            engine.train()
+        if hooks.rank == 0:
+            if probe is not None:
+                torch.save({**probe, "logits": probe_logits}, Path(directory) / PROBE_FILE)
+            tmp = Path(directory) / (STATE_FILE + ".tmp")
+            tmp.write_text(json.dumps({**state.__dict__, "task": task, "config": cfg.model_dump(mode="json")}))
+            tmp.rename(Path(directory) / STATE_FILE)
+
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    engine.train()
+    done = state.step >= steps
+    micro_in_step = 0
+    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    loop_start = time.perf_counter() - state.train_time_s
+    tokens_per_micro = t.batch_size * manifest["block_size"] * hooks.world_size
+    while not done:
+        skip = state.batches_in_epoch  # resume mid-epoch: skip what was already consumed
+        for i, batch in enumerate(train_epoch(state.epoch)):
+            if i < skip:
+                continue
+            inputs, _ = model_inputs(task, batch, masker, device)
+            loss = engine(**inputs).loss
+            engine.backward(loss)
+            engine.step()
+            state.batches_in_epoch += 1
+            state.tokens_seen += tokens_per_micro
+            window_loss, window_n, window_tokens = window_loss + float(loss.detach()), window_n + 1, window_tokens + tokens_per_micro
+            micro_in_step += 1
+            if micro_in_step < t.grad_accum:
+                continue
+            micro_in_step = 0
+            state.step += 1
+            if fault_step and state.step == fault_step and hooks.restore_dir is None and hooks.rank == hooks.world_size - 1:
+                hooks.log(f"fault injection: worker rank {hooks.rank} exits at step {state.step}")
+                # die a few seconds after the last report: Ray Train's controller polls reports every ~2 s, and a
+                # worker that dies before its last report was polled loses that checkpoint (resumes from the one before)
+                time.sleep(6)
+                os._exit(1)
+            now = time.perf_counter()
+            state.train_time_s = now - loop_start
+            is_eval = state.step % t.eval_every == 0 or state.step >= steps
+            if state.step % t.log_every == 0 or is_eval:
+                tps = window_tokens / max(now - window_start, 1e-9)
+                entry = {"step": state.step, "train_loss": window_loss / max(window_n, 1),
+                         "lr": engine.get_lr()[0], "tokens_per_s": tps, "step_time_s": (now - window_start) / max(window_n / t.grad_accum, 1)}
+                state.history.append(entry)
+                if hooks.rank == 0:
+                    eta = (steps - state.step) * entry["step_time_s"]
+                    hooks.log(f"step {state.step}/{steps} | loss {entry['train_loss']:.4f} | lr {entry['lr']:.2e} | "
+                              f"{tps:,.0f} tok/s | eta {fmt_eta(eta)}")
+                window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            if is_eval:
+                val = evaluate()
+                improved = val["val_loss"] < state.best_val - cfg.train.early_stopping.min_delta \
+                    if cfg.train.early_stopping else val["val_loss"] < state.best_val
+                if improved:
+                    state.best_val, state.best_step, state.bad_evals = val["val_loss"], state.step, 0
+                else:
+                    state.bad_evals += 1
+                state.evals.append({"step": state.step, **val})
+                stop = bool(cfg.train.early_stopping and state.bad_evals >= cfg.train.early_stopping.patience)
+                done = stop or state.step >= steps
+                last = state.history[-1]
+                metrics = {"step": state.step, "epoch": state.epoch, "train_loss": last["train_loss"],
+                           **val, "lr": last["lr"], "tokens_per_s": last["tokens_per_s"],
+                           "step_time_s": last["step_time_s"], "tokens_seen": state.tokens_seen,
+                           "early_stopped": stop}
+                if hooks.rank == 0:
+                    extra = " ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    hooks.log(f"eval step {state.step}: {extra}" + (" (early stop)" if stop else ""))
+                # checkpoint on cadence, on a new best (so the best is exportable), and at the end
+                want_ckpt = state.step % t.checkpoint_every == 0 or improved or done
+                if want_ckpt:
+                    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
+                        save_checkpoint(tmp)
+                        hooks.report(metrics, tmp)
+                else:
+                    hooks.report(metrics, None)
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+                if done:
+                    break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            continue
+    return {k: v for k, v in state.__dict__.items()}
+
+
+# ---------------------------------------------------------------------------------------------- Ray Train
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train's worker function: shards from Ray Data, reports and checkpoints to Ray Train."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = Config.model_validate(config["cfg"])
+    manifest = config["manifest"]
+    if config.get("fault_at_step"):
+        os.environ[FAULT_ENV] = str(config["fault_at_step"])
+    ctx = ray.train.get_context()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_ds = ray.train.get_dataset_shard("val")
+    columns = ["input_ids", "attention_mask", "label"] if cfg.model.task == "classification" else ["input_ids"]
+
+    def train_epoch(epoch: int):
+        return train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                              local_shuffle_seed=cfg.seed + epoch, dtypes=None)
+
+    def val_batches():
+        return val_ds.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint else _null()) as restore_dir:
+        if restore_dir and not (Path(restore_dir) / STATE_FILE).exists():
+            raise RuntimeError(f"checkpoint {restore_dir} is incomplete (no {STATE_FILE}); refusing to resume")
+        hooks = Hooks(report=report, restore_dir=restore_dir, rank=ctx.get_world_rank(),
+                      world_size=ctx.get_world_size(), log=lambda s: print(f"[raylm train] {s}", flush=True))
+        return fit(cfg, manifest, train_epoch, val_batches, hooks)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

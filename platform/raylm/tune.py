@@ -1,0 +1,245 @@
+"""`raylm tune`: a Ray Tune search whose trials are Ray Train runs; exports the best trial's model.
+
+- Space: `tune.space` maps dotted config keys to distributions (SPACE registry); each trial applies its sampled
+  values with `with_overrides` (re-validated) and fits the same TorchTrainer `raylm train` builds
+  (`raylm.train.make_trainer`), reporting to Tune through `TuneReportCallback` once per evaluation.
+- Resources: Ray Train V2 cannot run under a Tuner directly, so the trial function only holds a token 0.01 CPU
+  (holding a whole CPU deadlocks 2-core machines: the trial's workers never get one); concurrency is capped at
+  what the cluster can run at once: CPUs // (num_workers * cpus_per_worker + 1 for the trial's data pipeline),
+  and GPUs // num_workers when training on GPUs. Extra trials queue.
+- Early stopping: ASHA / median stopping over `training_iteration` (one per evaluation); ASHA's max_t is the
+  number of evaluations a full run makes.
+- Resume: the experiment is named after the config's hash, so rerunning the same config restores it
+  (`Tuner.restore`, finished trials are kept, interrupted ones continue from their Train checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from raylm.config import Config, ConfigError, with_overrides
+
+log = logging.getLogger(__name__)
+
+TRIAL_CPU = 0.01  # the trial function's own share: it only drives a TorchTrainer (0 is refused by Tune)
+TRAIN_RUN_NAME = "train"  # each trial's Ray Train run lives in <trial dir>/train
+
+
+def space_entry(kind: str, args: Any):
+    from ray import tune
+
+    SPACE: dict[str, Callable[[Any], Any]] = {
+        "loguniform": lambda a: tune.loguniform(*a),
+        "uniform": lambda a: tune.uniform(*a),
+        "quniform": lambda a: tune.quniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return SPACE[kind](args)
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """`tune.space` as Ray Tune's param_space; `search: grid` turns choices into grid axes."""
+    space = {}
+    for key, dist in cfg.tune.space.items():
+        (kind, args), = dist.items()
+        if cfg.tune.search == "grid":
+            if kind not in ("grid", "choice"):
+                raise ConfigError(f"tune.space.{key}", f"search: grid needs grid or choice values, got {kind}")
+            kind = "grid"
+        if cfg.tune.search == "optuna" and kind == "grid":
+            raise ConfigError(f"tune.space.{key}", "search: optuna cannot take grid; use choice")
+        space[key] = space_entry(kind, args)
+    return space
+
+
+def evaluations_per_run(cfg: Config) -> int:
+    """How many times a full training run reports (ASHA's max_t)."""
+    t = cfg.train
+    steps = t.max_steps
+    if steps is None:
+        manifest = json.loads(cfg.path("data", "manifest.json").read_text())
+        rows = manifest["splits"]["train"]["rows"]
+        steps = math.ceil(t.epochs * rows / (t.batch_size * t.num_workers * t.grad_accum))
+    return max(1, steps // t.eval_every)
+
+
+def make_scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    s = cfg.tune.scheduler
+    SCHEDULERS: dict[str, Callable[[], Any]] = {
+        "asha": lambda: ASHAScheduler(time_attr="training_iteration", max_t=evaluations_per_run(cfg),
+                                      grace_period=s.grace_period, reduction_factor=s.reduction_factor),
+        "median": lambda: MedianStoppingRule(time_attr="training_iteration", grace_period=s.grace_period,
+                                             min_samples_required=2),
+        "none": FIFOScheduler,
+    }
+    return SCHEDULERS[s.type]()
+
+
+def make_searcher(cfg: Config, concurrency: int):
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
+    if cfg.tune.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(seed=seed)  # TPE, Ray Tune's default sampler for Optuna
+        except (ImportError, AssertionError):
+            raise ConfigError("tune.search", "optuna is not installed; pip install 'raylm[optuna]'") from None
+        return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
+
+
+def trial_concurrency(cfg: Config) -> int:
+    import ray
+
+    t = cfg.train
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 1) // (t.num_workers * t.cpus_per_worker + 1))
+    if t.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // t.num_workers))
+    if fits < 1:
+        raise ConfigError("train.num_workers", f"one trial needs {t.num_workers * t.cpus_per_worker + 1:g} CPUs; "
+                                               f"the cluster has {resources.get('CPU', 0):g}")
+    return max(1, min(cfg.tune.max_concurrent, fits))
+
+
+def run_trial(values: dict[str, Any], base: dict) -> None:
+    """One trial: the base config with this trial's values, fitted by the same TorchTrainer as `raylm train`."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylm.train import make_trainer
+
+    cfg = with_overrides(Config.model_validate(base), values)
+    # a fixed run name inside the trial dir: a restored trial's Train run resumes from its latest checkpoint
+    trainer = make_trainer(cfg, storage_path=tune.get_context().get_trial_dir(), name=TRAIN_RUN_NAME,
+                           callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+def experiment_name(cfg: Config) -> str:
+    return f"{cfg.name}-{cfg.config_hash()[:8]}"
+
+
+def make_tuner(cfg: Config):
+    from ray import tune
+
+    from raylm.runtime import worker_env  # noqa: F401 - workers get raylm's env from ray.init's runtime_env
+
+    storage = str(cfg.path("tune").expanduser().resolve())
+    name = experiment_name(cfg)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json")),
+                                    {"cpu": TRIAL_CPU})
+    path = str(Path(storage) / name)
+    if tune.Tuner.can_restore(path):
+        log.info("tune: resuming the experiment at %s", path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True), path
+    concurrency = trial_concurrency(cfg)
+    log.info("tune: %d samples, %d at a time, scheduler %s, search %s", cfg.tune.num_samples, concurrency,
+             cfg.tune.scheduler.type, cfg.tune.search)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                                    scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg, concurrency),
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+    )
+    return tuner, path
+
+
+def trial_status(result, max_t: int) -> str:
+    """finished: ran to the end (or stopped by training's own early stopping); stopped_early: by the scheduler."""
+    if result.error is not None:
+        return "error"
+    metrics = result.metrics or {}
+    if metrics.get("early_stopped") or metrics.get("training_iteration", 0) >= max_t:
+        return "finished"
+    return "stopped_early"
+
+
+def trial_rows(cfg: Config, grid, max_t: int) -> list[dict]:
+    metric, better = cfg.tune.metric, (min if cfg.tune.mode == "min" else max)
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        curve = [] if df is None or metric not in df else [
+            {"iteration": int(r["training_iteration"]), "step": int(r.get("step", r["training_iteration"])),
+             "value": float(r[metric])} for _, r in df.iterrows() if r.get(metric) == r.get(metric)]
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+            "path": result.path,
+            "hyperparameters": {k: v for k, v in (result.config or {}).items()},
+            "status": trial_status(result, max_t),
+            "metric": better(p["value"] for p in curve) if curve else None,
+            "last_metric": curve[-1]["value"] if curve else None,
+            "iterations": len(curve),
+            "curve": curve,
+            "error": str(result.error).splitlines()[0] if result.error is not None else None,
+        })
+    return rows
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def tune(cfg: Config) -> dict:
+    """Runs (or resumes) the search; writes tune/best.json and exports the best trial to model/."""
+    from ray.train import Result
+
+    from raylm.train import check_inputs, export_result
+
+    if cfg.tune is None:
+        raise ConfigError("tune", "this config has no tune section")
+    if not cfg.tune.space:
+        raise ConfigError("tune.space", "empty: give at least one dotted key to search")
+    manifest = check_inputs(cfg)
+    start = time.time()
+    tuner, path = make_tuner(cfg)
+    grid = tuner.fit()
+    unfinished = [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]  # noqa: SLF001
+    if unfinished:  # Tune returns early on SIGINT after saving its state: no best.json from a partial search
+        raise KeyboardInterrupt(f"tune stopped with {len(unfinished)} trials unfinished; rerun to resume ({path})")
+    max_t = evaluations_per_run(cfg)
+    rows = trial_rows(cfg, grid, max_t)
+    scored = [r for r in rows if r["metric"] is not None]
+    if not scored:
+        raise RuntimeError(f"no trial reported {cfg.tune.metric}; see {path} "
+                           f"({sum(r['status'] == 'error' for r in rows)} trials errored)")
+    pick = min if cfg.tune.mode == "min" else max
+    best = pick(scored, key=lambda r: r["metric"])
+    best_cfg = with_overrides(cfg, best["hyperparameters"])
+    train_result = Result.from_path(str(Path(best["path"]) / TRAIN_RUN_NAME))
+    summary = export_result(best_cfg, train_result, manifest=manifest)
+    report = {
+        "metric": cfg.tune.metric, "mode": cfg.tune.mode, "scheduler": cfg.tune.scheduler.type,
+        "search": cfg.tune.search, "experiment_path": path, "max_evaluations": max_t,
+        "best_trial": {"trial_id": best["trial_id"], "hyperparameters": best["hyperparameters"],
+                       "metric": best["metric"], "metrics": summary.get("val"),
+                       "checkpoint": summary.get("checkpoint"), "model_dir": summary.get("model_dir"),
+                       "config": best_cfg.model_dump(mode="json")},
+        "trials": rows,
+        "wall_time_s": round(time.time() - start, 1),
+    }
+    write_json_atomic(cfg.path("tune", "best.json"), report)
+    for r in rows:
+        print(f"[raylm tune] {r['trial_id']} {r['hyperparameters']} {r['status']} {cfg.tune.metric}={r['metric']} "
+              f"evals={r['iterations']}")
+    print(f"[raylm tune] best {best['trial_id']} {cfg.tune.metric}={best['metric']:.4f} -> {summary.get('model_dir')}")
+    return report

@@ -1,0 +1,121 @@
+"""`raylm tune`: space errors exit 2; one small ASHA search, interrupted and resumed, exports the best model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from raylm.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_TUNE = """\
+name: tinytune
+output_dir: {out}
+seed: 0
+data: {{block_size: 32}}
+model:
+  task: causal_lm
+  arch: {{family: gpt2, n_layer: 1, d_model: 32, n_head: 2}}
+train: {{num_workers: 1, max_steps: 40, eval_every: 10, checkpoint_every: 10, batch_size: 8, warmup_steps: 2,
+         log_every: 10, eval_batches: 2, deepspeed: {{zero_stage: 1}}}}
+tune:
+  num_samples: 4
+  max_concurrent: 2
+  metric: val_loss
+  mode: min
+  seed: 3
+  space:
+    train.lr: {{loguniform: [1.0e-5, 3.0e-2]}}
+    train.batch_size: {{choice: [4, 8]}}
+    model.dropout: {{uniform: [0.0, 0.3]}}
+  scheduler: {{type: asha, grace_period: 1, reduction_factor: 2}}
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("space, key, reason", [
+    ("train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}", "tune.space.train.learning_rate", "no config key"),
+    ("train.lr: {loguniform: [1.0e-3]}", "tune.space.train.lr", "loguniform takes [low, high]"),
+    ("model.dropout: {normal: [0.0, 0.3]}", "tune.space.model.dropout", "unknown distribution"),
+    ("train: {choice: [1, 2]}", "tune.space.train", "a section, not a value"),
+])
+def test_bad_search_space_exits_2_naming_the_key(tmp_path, capsys, space, key, reason):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\ntune:\n  space:\n    {space}\n")
+    assert main(["tune", "-c", str(cfg)]) == 2  # before any Ray work: no cluster is started
+    err = capsys.readouterr().err
+    assert key in err and reason in err, err
+
+
+def completed_trials(exp_root: Path) -> dict[str, str]:
+    """Trial dir -> its result.json text, for trials whose last result says done (finished or stopped)."""
+    done = {}
+    for result in exp_root.glob("*/run_trial_*/result.json"):
+        lines = result.read_text().strip().splitlines()
+        if lines and json.loads(lines[-1]).get("done"):
+            done[result.parent.name] = result.read_text()
+    return done
+
+
+@pytest.mark.timeout(1200)
+def test_asha_search_resumes_after_interrupt_and_exports_the_best_trial(tmp_path, ray_session):
+    from tiny_data import build_lm_workspace
+
+    build_lm_workspace(tmp_path)
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(TINY_TUNE.format(out=tmp_path))
+    # the CLI joins the session's cluster (no second cluster start); SIGINT as a user's Ctrl+C
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "raylm", "tune", "-c", str(cfg)]
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while not completed_trials(tmp_path / "tune") and first.poll() is None and time.time() < deadline:
+        time.sleep(2)
+    before = completed_trials(tmp_path / "tune")
+    assert before, "no trial completed before the deadline"
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=180)
+    if first.returncode == 0:
+        pytest.skip("the whole search finished before the interrupt landed")
+    assert first.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert not (tmp_path / "tune" / "best.json").exists()
+
+    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming the experiment" in second.stderr
+    # trials that had completed were not rerun: their results are untouched, and there are still 4 trials
+    after = completed_trials(tmp_path / "tune")
+    assert {k: after.get(k) for k in before} == before
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    trials = best["trials"]
+    assert len(trials) == 4 and len(list((tmp_path / "tune").glob("*/run_trial_*"))) == 4
+    assert all(t["status"] in ("finished", "stopped_early") for t in trials), trials
+    stopped = [t for t in trials if t["status"] == "stopped_early"]
+    assert stopped and all(t["iterations"] < best["max_evaluations"] == 4 for t in stopped)
+    assert best["best_trial"]["metric"] == min(t["metric"] for t in trials)
+    winner = next(t for t in trials if t["trial_id"] == best["best_trial"]["trial_id"])
+    assert best["best_trial"]["config"]["train"]["lr"] == pytest.approx(winner["hyperparameters"]["train.lr"])
+    assert Path(best["best_trial"]["checkpoint"]).is_dir()
+
+    # the exported model loads with plain transformers, no raylm import
+    probe = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}); t = AutoTokenizer.from_pretrained({str(tmp_path / 'model')!r})
+        assert 'raylm' not in sys.modules
+        print(m(**t("the big cat", return_tensors="pt")).logits.shape)
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0 and "torch.Size([1," in out.stdout, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "model" / "training_summary.json").read_text())
+    assert summary["val"]["val_loss"] == pytest.approx(best["best_trial"]["metric"])
