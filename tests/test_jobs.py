@@ -43,8 +43,10 @@ def submit(head: PrivateHead, *entrypoint: str, timeout: float = 420) -> tuple[s
     status = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
     logs = head.ray("job", "logs", "--address", head.dashboard_url, job_id, timeout=60).stdout
     assert job_id in status, proc.stderr[-3000:]
-    m = re.search(r"Status for job '[^']+': (?:JobStatus\.)?([A-Z]+)", status)
-    state = m.group(1) if m else "UNKNOWN"
+    # terminal states read "Job 'ID' succeeded" / "failed" / "was stopped"; others "Status for job 'ID': RUNNING"
+    m = re.search(r"Job '[^']+' (succeeded|failed|was stopped)|Status for job '[^']+': (?:JobStatus\.)?([A-Z]+)", status)
+    state = ({"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}.get(m.group(1)) or m.group(2)
+             if m else "UNKNOWN")
     return job_id, state, logs + proc.stderr[-3000:]
 
 

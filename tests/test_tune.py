@@ -76,14 +76,16 @@ def test_asha_search_resumes_after_interrupt_and_exports_the_best_trial(tmp_path
     # the CLI joins the session's cluster (no second cluster start); SIGINT as a user's Ctrl+C
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "raylm", "tune", "-c", str(cfg)]
-    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would block the driver
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     while not completed_trials(tmp_path / "tune") and first.poll() is None and time.time() < deadline:
         time.sleep(2)
     before = completed_trials(tmp_path / "tune")
     assert before, "no trial completed before the deadline"
     first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=180)
+    first.wait(timeout=180)
+    err = (tmp_path / "first.log").read_text()
     if first.returncode == 0:
         pytest.skip("the whole search finished before the interrupt landed")
     assert first.returncode == 130 and "interrupted" in err, err[-2000:]

@@ -72,7 +72,7 @@ def run(cfg: Config, wait: bool = True) -> dict:
             raise
         except Exception as e:
             summary["steps"][name] = {"status": "failed", "wall_time_s": round(time.perf_counter() - start, 2),
-                                      "error": f"{type(e).__name__}: {e}"}
+                                      "error": f"{type(e).__name__}: {e}"[:2000]}
             summary["status"], summary["failed_step"] = "failed", name
             write_json_atomic(out, summary)
             raise StepFailed(f"{name}: {type(e).__name__}: {e}") from e

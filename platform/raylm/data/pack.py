@@ -73,5 +73,8 @@ class ShardNames(FilenameProvider):
 
 def write_shards(ds: ray.data.Dataset, out_dir: Path, split: str, shards: int) -> list[str]:
     """Write `ds` (already in its final row order) as up to `shards` Parquet files; returns their names."""
-    ds.repartition(shards).write_parquet(str(out_dir), filename_provider=ShardNames(split))
+    from ray.data import SaveMode
+
+    # OVERWRITE: stable names carry no write uuid (Ray refuses that in APPEND mode); out_dir is fresh anyway
+    ds.repartition(shards).write_parquet(str(out_dir), filename_provider=ShardNames(split), mode=SaveMode.OVERWRITE)
     return sorted(p.name for p in out_dir.glob("*.parquet"))
