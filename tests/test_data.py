@@ -100,11 +100,11 @@ def test_cleaning_counts_every_drop_and_near_dedup(ray_session, tmp_path):
     vocab = [hashlib.md5(str(i).encode()).hexdigest()[:6] for i in range(3000)]
     lines, planted = [], []
     for i in range(40):
-        words = rng.sample(vocab, 120)
+        words = rng.sample(vocab, 400)  # long enough that 3 changed words keep Jaccard (5-word shingles) > 0.9
         lines.append({"text": " ".join(words)})
         if i < 15:  # a near duplicate: 1-3 words changed, far away in the file (another block)
             dup = list(words)
-            for j in rng.sample(range(120), rng.randint(1, 3)):
+            for j in rng.sample(range(400), rng.randint(1, 3)):
                 dup[j] = "changed"
             planted.append(dup)
     lines += [{"text": " ".join(w)} for w in planted]
