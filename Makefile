@@ -20,7 +20,7 @@ quickstart: $(STAMP)
 	$(BIN)/raylm run -c configs/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -v tests
+	$(BIN)/python -m pytest -v --durations=0 tests
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

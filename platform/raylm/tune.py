@@ -129,6 +129,11 @@ def run_trial(values: dict[str, Any], base: dict) -> None:
         raise result.error
 
 
+def expected_trials(cfg: Config) -> int:
+    grid = math.prod(len(args) for d in cfg.tune.space.values() for kind, args in d.items() if kind == "grid")
+    return cfg.tune.num_samples * grid
+
+
 def experiment_name(cfg: Config) -> str:
     return f"{cfg.name}-{cfg.config_hash()[:8]}"
 
@@ -213,7 +218,10 @@ def tune(cfg: Config) -> dict:
     start = time.time()
     tuner, path = make_tuner(cfg)
     grid = tuner.fit()
-    unfinished = [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]  # noqa: SLF001
+    trials = grid._experiment_analysis.trials  # noqa: SLF001 - Trial objects carry the status
+    # SIGINT can leave trials TERMINATED, so a search short of its trial count also counts as interrupted
+    unfinished = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR") or not t.config]
+    unfinished += ["(not started)"] * max(0, expected_trials(cfg) - len(trials))
     if unfinished:  # Tune returns early on SIGINT after saving its state: no best.json from a partial search
         raise KeyboardInterrupt(f"tune stopped with {len(unfinished)} trials unfinished; rerun to resume ({path})")
     max_t = evaluations_per_run(cfg)
