@@ -23,24 +23,9 @@ PROMPT, MAX_TOKENS = "def add", 16
 
 def tiny_model(out: Path) -> Path:
     """The test suite's tiny GPT-2 (2 layers, d 64, BPE 300) when no model is given."""
-    from test_serve import CORPUS  # noqa: F401 - same corpus as the tests
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from test_serve import save_tiny_gpt2
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                 unk_token="<|endoftext|>")
-    hf.save_pretrained(out)
-    torch.manual_seed(0)
-    eos = hf.eos_token_id
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(hf), n_positions=128, n_embd=64, n_layer=2, n_head=2,
-                               bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)).save_pretrained(out)
-    return out
+    return save_tiny_gpt2(out)
 
 
 def measure(call, clients: int, requests: int) -> dict:

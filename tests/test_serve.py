@@ -25,14 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory) -> Path:
+def save_tiny_gpt2(out: Path) -> Path:
     """A random 2-layer GPT-2 (d 64) with a byte-level BPE tokenizer trained on a few KB, saved HF-style."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny_gpt2")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,6 +45,11 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
                                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 @pytest.fixture(scope="session")
