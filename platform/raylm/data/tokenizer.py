@@ -3,6 +3,9 @@ pretrained one; either way saved as a `transformers` tokenizer directory (`AutoT
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -97,12 +100,39 @@ def special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
 
 
 def build_tokenizer(cfg: Config, train_texts: Callable[[], Iterable[str]], out_dir: Path) -> PreTrainedTokenizerBase:
-    """Train or load the configured tokenizer and save it to `out_dir`."""
+    """Train or load the configured tokenizer and save it to `out_dir`.
+
+    HF `tokenizers` training breaks count ties by hash-map order, so two trainings on the same text can differ
+    (huggingface/tokenizers#1794). To keep a re-run of `prepare` byte-identical, a tokenizer trained by the
+    previous run on the same texts with the same settings (same `tokenizer_key` in its manifest) is reused."""
     tcfg = cfg.data.tokenizer
     if tcfg.pretrained:
         tok = load_pretrained(tcfg.pretrained, cfg.model.task)
     else:
-        tok = train_tokenizer(train_texts(), tcfg.train, cfg.model.task)
-        tok.model_max_length = cfg.data.block_size  # a model trained on these shards sees at most this many
+        key = tokenizer_key(cfg, train_texts)
+        previous = cfg.path("data")
+        if previous_key(previous) == key:
+            tok = AutoTokenizer.from_pretrained(str(previous / "tokenizer"))
+        else:
+            tok = train_tokenizer(train_texts(), tcfg.train, cfg.model.task)
+            tok.model_max_length = cfg.data.block_size  # a model trained on these shards sees at most this many
+        tok.init_kwargs["raylm_tokenizer_key"] = key
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+def tokenizer_key(cfg: Config, train_texts: Callable[[], Iterable[str]]) -> str:
+    """What a trained tokenizer depends on: its settings, the task, the block size and every train text."""
+    h = hashlib.sha256(json.dumps([cfg.data.tokenizer.model_dump(mode="json"), cfg.model.task,
+                                   cfg.data.block_size]).encode())
+    for digest in sorted(hashlib.sha256(text.encode()).digest() for text in train_texts()):  # order-free
+        h.update(digest)
+    return h.hexdigest()
+
+
+def previous_key(data_dir: Path) -> str | None:
+    try:
+        saved = json.loads((data_dir / "tokenizer" / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("raylm_tokenizer_key")
