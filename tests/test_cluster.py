@@ -186,11 +186,19 @@ threading.Thread(target=watch, daemon=True).start()
 counts["rc"] = raylm.cli.main(args)
 done.set()
 counts["peak"] = max(peak + [alive()])
-deadline = time.time() + 90
-while alive() > counts["before"] and time.time() < deadline:
-    time.sleep(1)
-counts["after"] = alive()
 print("NODE_COUNTS " + json.dumps(counts), flush=True)
+"""
+
+# after the driver exits: Ray Data's helper actors live as long as their driver and keep a node busy
+AFTER = r"""
+import sys, time
+import ray
+ray.init(address=sys.argv[1])
+alive = lambda: sum(1 for n in ray.nodes() if n["Alive"])
+deadline = time.time() + 120
+while alive() > 1 and time.time() < deadline:
+    time.sleep(1)
+print("AFTER " + str(alive()), flush=True)
 """
 
 
@@ -205,12 +213,15 @@ def test_fake_autoscaling_cluster_adds_workers_for_prepare(tmp_path):
                  "--set", "data.tokenizer.train.vocab_size=300", "--set", "data.clean.dedup=exact"],
                 env={**head.env, "PYTHONPATH": str(REPO / "platform")}, stdout=f, stderr=subprocess.STDOUT,
                 timeout=480, cwd=tmp_path)
+            subprocess.run([sys.executable, "-c", AFTER, head.gcs_address], env=head.env, stdout=f,
+                           stderr=subprocess.STDOUT, timeout=180, cwd=tmp_path)
         except subprocess.TimeoutExpired:
             pass
     text = log.read_text()
     line = next((ln for ln in text.splitlines() if ln.startswith("NODE_COUNTS ")), None)
     assert line, f"driver did not finish:\n{text[-6000:]}"
     counts = json.loads(line.removeprefix("NODE_COUNTS "))
+    counts["after"] = int(next((ln.split()[1] for ln in text.splitlines() if ln.startswith("AFTER ")), -1))
     print(f"autoscaling node counts: {counts}")
     assert counts["rc"] == 0, text[-6000:]
     assert counts["before"] == 1, "only the head at the start"
