@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raylm.config import Config, ConfigError
+from raylm.storage import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +285,6 @@ def score_test_split(cfg: Config, model_dir: Path, ctx: dict) -> dict[str, np.nd
     if not parts:
         raise ValueError(f"the test split under {test_dir} has no rows")
     return {key: np.concatenate(chunks) for key, chunks in parts.items()}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from raylm.config import Config, ConfigError
+from raylm.storage import write_json_atomic
 
 # task -> (route, body) of the sample request that proves the endpoint answers
 SAMPLE_REQUESTS: dict[str, tuple[str, dict]] = {
@@ -25,13 +26,6 @@ SAMPLE_REQUESTS: dict[str, tuple[str, dict]] = {
 
 class StepFailed(RuntimeError):
     """A step of `raylm run` failed; the message starts with the step's name."""
-
-
-def write_json_atomic(path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def sample_request(cfg: Config, url: str, task: str) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raylm.config import Config, ConfigError, with_overrides
+from raylm.storage import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +196,6 @@ def trial_rows(cfg: Config, grid, max_t: int) -> list[dict]:
             "error": str(result.error).splitlines()[0] if result.error is not None else None,
         })
     return rows
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 def tune(cfg: Config) -> dict:

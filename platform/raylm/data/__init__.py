@@ -31,6 +31,7 @@ from raylm.data.dedup import exact_duplicates, near_duplicates
 from raylm.data.pack import pack_group, tokenize_classification, tokenize_lm, write_shards
 from raylm.data.readers import read_source
 from raylm.data.tokenizer import build_tokenizer, special_ids
+from raylm.storage import write_json_atomic
 
 __all__ = ["prepare", "assign_splits", "SPLITS"]
 log = logging.getLogger(__name__)
@@ -89,12 +90,6 @@ def label_ids(labels: list[str]) -> dict[str, int]:
     uniq = set(labels)
     key = int if all(lbl.lstrip("-").isdigit() for lbl in uniq) else str
     return {lbl: i for i, lbl in enumerate(sorted(uniq, key=key))}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def versions() -> dict[str, str]:
