@@ -29,17 +29,11 @@ PROMPT_TOKENS = 16
 COMPLETION_TOKENS = 32
 ROC_POINTS = 101  # ROC curves kept in metrics.json are thinned to at most this many points per class
 
-AUTO_CLASSES = {
-    "causal_lm": "AutoModelForCausalLM",
-    "masked_lm": "AutoModelForMaskedLM",
-    "classification": "AutoModelForSequenceClassification",
-}
-
 
 def load_model(model_dir: str, task: str, device: str = "cpu"):
-    import transformers
+    from raylm.train.models import auto_class
 
-    model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(model_dir)
+    model = auto_class(task).from_pretrained(model_dir)
     return model.to(device).eval()
 
 

@@ -1,6 +1,6 @@
 """The model deployment: loads a Hugging Face model directory and answers batched and streamed requests.
 
-Nothing here imports raylm's training code: any directory `transformers`' Auto classes can load is servable.
+Only the task -> Auto class table comes from raylm's training code: any directory `transformers`' Auto classes can load is servable.
 Requests arrive as plain dicts already validated by the ingress (`raylm.serve.api`).
 """
 
@@ -17,17 +17,14 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from raylm.train.models import TASK_AUTO_CLASSES  # task -> Auto class name (its one home)
+
 # config.json `architectures` suffix -> task; the model's own head says what it can serve
 ARCH_SUFFIX_TASKS: dict[str, str] = {
     "ForCausalLM": "causal_lm",
     "LMHeadModel": "causal_lm",
     "ForMaskedLM": "masked_lm",
     "ForSequenceClassification": "classification",
-}
-TASK_AUTO_CLASSES: dict[str, str] = {
-    "causal_lm": "AutoModelForCausalLM",
-    "masked_lm": "AutoModelForMaskedLM",
-    "classification": "AutoModelForSequenceClassification",
 }
 
 

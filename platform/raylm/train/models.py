@@ -14,12 +14,17 @@ from transformers import AutoConfig
 
 from raylm.config import Config, ConfigError
 
-# task -> the Auto class that loads/saves it (also what evaluate/serve use to load model/)
-TASKS: dict[str, type] = {
-    "causal_lm": transformers.AutoModelForCausalLM,
-    "masked_lm": transformers.AutoModelForMaskedLM,
-    "classification": transformers.AutoModelForSequenceClassification,
+# task -> the transformers Auto class that loads/saves it: the one home of this table (train, evaluate, serve)
+TASK_AUTO_CLASSES: dict[str, str] = {
+    "causal_lm": "AutoModelForCausalLM",
+    "masked_lm": "AutoModelForMaskedLM",
+    "classification": "AutoModelForSequenceClassification",
 }
+
+
+def auto_class(task: str) -> type:
+    """The transformers Auto class for `task` (from_config / from_pretrained)."""
+    return getattr(transformers, TASK_AUTO_CLASSES[task])
 
 # every config field that is a dropout probability, across the families we build or load
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "hidden_dropout_prob",
@@ -158,7 +163,7 @@ def apply_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 def build_model(cfg: Config, manifest: dict, *, trainable: bool = True) -> torch.nn.Module:
     """The model to train: scratch (`model.arch`) or pretrained, then freeze and LoRA (when `trainable`)."""
     config = model_config(cfg, manifest)
-    auto = TASKS[cfg.model.task]
+    auto = auto_class(cfg.model.task)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and for export rebuilds)
     if cfg.model.pretrained is None:
         model = auto.from_config(config)
