@@ -84,13 +84,118 @@ class Clean(Strict):
     near_dup_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard threshold for near duplicates")
     num_perm: int = Field(128, ge=16, description="MinHash permutations")
     shingle_size: int = Field(5, ge=1, description="words per shingle for MinHash")
-    scrub_pii: bool = Field(False, description="replace emails, phones, IPs, card numbers, API keys by <TYPE>")
+    scrub_pii: bool = Field(False, description="replace emails, phones, IPs, card numbers, IBANs, API keys by <TYPE>")
+    html_extractor: Literal["selectolax", "trafilatura"] = Field(
+        "selectolax", description="HTML to text: selectolax strips tags; trafilatura keeps only the main content")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Clean":
         if self.min_chars >= self.max_chars:
             raise ValueError("min_chars must be below max_chars")
         return self
+
+
+# -------------------------------------------------------------------------------- data.quality
+# Rules and defaults follow DataTrove's filters (datatrove/pipeline/filters/*.py), which implement the published
+# Gopher (MassiveText, arXiv:2112.11446 table A1), C4 (arXiv:1910.10683 s2.2) and FineWeb rules.
+QualityRule = Literal["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
+QUALITY_RULE_ORDER: tuple[str, ...] = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb")
+
+
+class GopherRules(Strict):
+    """Gopher repetition and quality thresholds (DataTrove GopherRepetitionFilter / GopherQualityFilter)."""
+
+    dup_line_frac: float | None = Field(0.3, ge=0, description="max share of duplicated lines")
+    dup_para_frac: float | None = Field(0.3, ge=0, description="max share of duplicated paragraphs")
+    dup_line_char_frac: float | None = Field(0.2, ge=0, description="max share of characters in duplicated lines")
+    dup_para_char_frac: float | None = Field(0.2, ge=0, description="max share of characters in duplicated paragraphs")
+    top_n_grams: dict[int, float] = Field({2: 0.2, 3: 0.18, 4: 0.16},
+                                          description="n -> max character share of the most frequent word n-gram")
+    dup_n_grams: dict[int, float] = Field({5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+                                          description="n -> max character share of duplicated word n-grams")
+    min_doc_words: int | None = Field(50, ge=0)
+    max_doc_words: int | None = Field(100_000, ge=1)
+    min_avg_word_length: float | None = Field(3, ge=0)
+    max_avg_word_length: float | None = Field(10, ge=0)
+    max_symbol_word_ratio: float | None = Field(0.1, ge=0, description="max '#' or ellipsis per word")
+    max_bullet_lines_ratio: float | None = Field(0.9, ge=0, description="max share of lines starting with a bullet")
+    max_ellipsis_lines_ratio: float | None = Field(0.3, ge=0, description="max share of lines ending with an ellipsis")
+    min_alpha_words_ratio: float | None = Field(0.8, ge=0, description="min share of words with a letter")
+    min_stop_words: int | None = Field(2, ge=0, description="min distinct stop words (the, be, to, of, and, that, have, with)")
+
+
+class C4Rules(Strict):
+    """C4's line and document rules (DataTrove C4QualityFilter): lines failing a line rule are removed."""
+
+    filter_no_terminal_punct: bool = Field(True, description="remove lines not ending in . ? ! \" '")
+    min_words_per_line: int = Field(3, ge=0, description="remove lines with fewer words")
+    max_word_length: int = Field(1000, ge=1, description="remove lines with a longer word")
+    min_num_sentences: int = Field(5, ge=0, description="drop documents with fewer sentences left")
+    remove_citations: bool = Field(True, description="strip [1], [edit], [citation needed]")
+    filter_lorem_ipsum: bool = Field(True, description="drop documents containing 'lorem ipsum'")
+    filter_javascript: bool = Field(True, description="remove lines mentioning javascript")
+    filter_curly_bracket: bool = Field(True, description="drop documents with a '{' in a kept line")
+    filter_policy: bool = Field(True, description="remove cookie / terms-of-use lines")
+
+
+class FineWebRules(Strict):
+    """FineWeb's own rules (DataTrove FineWebQualityFilter)."""
+
+    line_punct_thr: float = Field(0.12, ge=0, le=1, description="min share of lines ending in terminal punctuation")
+    line_punct_exclude_zero: bool = False
+    short_line_length: int = Field(30, ge=0)
+    short_line_thr: float = Field(0.67, ge=0, le=1, description="max share of lines of at most short_line_length chars")
+    char_duplicates_ratio: float = Field(0.01, ge=0, le=1, description="max share of characters in duplicated lines")
+    new_line_ratio: float = Field(0.3, ge=0, description="max newlines per word")
+
+
+# preset -> defaults it gives (anything the user sets wins); FineWeb's pipeline runs C4 without the
+# terminal-punctuation line rule (datatrove examples/fineweb.py)
+QUALITY_PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"rules": []},
+    "c4": {"rules": ["language", "c4"]},
+    "gopher": {"rules": ["language", "gopher_repetition", "gopher_quality"]},
+    "fineweb": {"rules": ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"],
+                "c4": {"filter_no_terminal_punct": False}},
+}
+
+
+class Quality(Strict):
+    """Document quality rules run inside cleaning; a dropped document's reason is the first rule that failed."""
+
+    preset: Literal["none", "c4", "gopher", "fineweb"] = Field("none", description="rule set and defaults to start from")
+    rules: list[QualityRule] = Field(default_factory=list, description="rules to run (the preset's when omitted)")
+    languages: list[str] | None = Field(["en"], description="ISO 639-1 codes to keep (null: any); rule `language`")
+    min_language_score: float = Field(0.65, ge=0, le=1, description="min language-ID probability to keep")
+    gopher: GopherRules = Field(default_factory=GopherRules)
+    c4: C4Rules = Field(default_factory=C4Rules)
+    fineweb: FineWebRules = Field(default_factory=FineWebRules)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("preset", "none") not in QUALITY_PRESETS:
+            return raw  # pydantic reports the bad preset
+        return deep_merge(QUALITY_PRESETS[raw.get("preset", "none")], raw)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Quality":
+        if len(set(self.rules)) != len(self.rules):
+            raise ValueError("rules: a rule is listed twice")
+        self.__dict__["rules"] = [r for r in QUALITY_RULE_ORDER if r in self.rules]  # always the pipeline order
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursively for nested mappings."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 class TokenizerTrain(Strict):
@@ -129,6 +234,7 @@ class SplitCfg(Strict):
 class Data(Strict):
     sources: list[Source] = Field(default_factory=lambda: [Source(builtin="python-docs")], min_length=1)
     clean: Clean = Field(default_factory=Clean)
+    quality: Quality = Field(default_factory=Quality)
     tokenizer: TokenizerCfg = Field(default_factory=lambda: TokenizerCfg(train=TokenizerTrain()))
     block_size: int = Field(256, ge=8, le=65536, description="tokens per packed block (or max tokens per row)")
     split: SplitCfg = Field(default_factory=SplitCfg)
@@ -169,6 +275,28 @@ class ModelCfg(Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze: Freeze = Field(default_factory=Freeze)
     lora: Lora | None = None
+    chat_template: str | None = Field(
+        None, description="causal_lm: Jinja chat template (the template itself, or a file holding it) exported with "
+                          "the tokenizer; null keeps a pretrained tokenizer's own, else writes raylm's default")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        """A file path is read; the template must parse as Jinja (one error here, not a 500 at serve time)."""
+        if v is None:
+            return v
+        if "{{" not in v and "{%" not in v:
+            p = Path(v).expanduser()
+            if not p.is_file():
+                raise ValueError(f"neither a Jinja template (no '{{{{' or '{{%') nor an existing file: {v}")
+            v = p.read_text()
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(v)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"not a valid Jinja template: line {e.lineno}: {e.message}") from None
+        return v
 
     @field_validator("pretrained")
     @classmethod
@@ -226,6 +354,10 @@ class TrainCfg(Strict):
     max_failures: int = Field(1, ge=-1)
     log_every: int = Field(10, ge=1)
     deepspeed: DeepSpeedCfg = Field(default_factory=DeepSpeedCfg)
+    metric: Literal["val_loss", "val_ppl", "val_accuracy"] = Field(
+        "val_loss", description="validation metric that picks the best checkpoint (exported) and drives early stopping")
+    mode: Literal["min", "max"] = Field("min", description="whether a lower or higher `metric` is better")
+    compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainCfg":
@@ -234,6 +366,12 @@ class TrainCfg(Strict):
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision fp16 needs use_gpu: true (CPU has no fp16 training kernels); use bf16 or fp32")
         return self
+
+
+# validation metrics each task's training reports, and the direction in which each is better
+TASK_METRICS: dict[str, tuple[str, ...]] = {"causal_lm": ("val_loss", "val_ppl"), "masked_lm": ("val_loss", "val_ppl"),
+                                            "classification": ("val_loss", "val_accuracy")}
+METRIC_MODES: dict[str, str] = {"val_loss": "min", "val_ppl": "min", "val_accuracy": "max"}
 
 
 # ----------------------------------------------------------------------------------------------- tune
@@ -316,8 +454,31 @@ class ServeCfg(Strict):
     api_key_env: str | None = Field(None, description="env var holding the API key; requests then need a Bearer token")
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (FastAPI) deployment")
 
+    @model_validator(mode="after")
+    def _exposed_needs_key(self) -> "ServeCfg":
+        # beyond loopback, anyone who reaches the port could use the model: only with an API key
+        if not is_loopback(self.host) and not (self.api_key_env or getattr(self, "api_keys_env", None)):
+            raise ConfigError("serve.host", f"{self.host} is reachable from other machines: set serve.api_key_env "
+                                            "(requests then need that key), or serve on 127.0.0.1")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a hostname other than localhost may resolve to any interface
+        return False
+
 
 # --------------------------------------------------------------------------------------------- config
+# output_dir URI schemes (pyarrow.fs): object stores, HDFS, Azure; file:// is a local path
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
 class Config(Strict):
     name: str = Field("raylm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "outputs/raylm"
@@ -343,11 +504,58 @@ class Config(Strict):
         if self.tune is not None:
             for key in self.tune.space:
                 check_key_exists(self, key, where=f"tune.space.{key}")
+        self._check_metric()
+        if self.model.pretrained is not None and self.data.tokenizer.train is not None:
+            raise ConfigError("data.tokenizer", f"a freshly trained tokenizer does not match the pretrained model's "
+                                                f"embeddings; set data.tokenizer: {{pretrained: {self.model.pretrained}}}")
         return self
 
-    # paths under output_dir, one place
+    def _check_metric(self) -> None:
+        """`train.metric`/`train.mode` pick the best checkpoint; a search ranks trials by the same metric (given in
+        either section, the other follows), which the task's validation must report, in its better direction."""
+        t = self.train
+        if self.tune is not None:
+            tune_set, train_set = {"metric", "mode"} & self.tune.model_fields_set, {"metric", "mode"} & t.model_fields_set
+            if tune_set and not train_set:
+                if self.tune.metric not in METRIC_MODES:
+                    raise ConfigError("tune.metric", f"{self.tune.metric!r} is not a validation metric; use one of "
+                                                     f"{', '.join(TASK_METRICS[self.model.task])}")
+                t.metric, t.mode = self.tune.metric, self.tune.mode
+            elif (self.tune.metric, self.tune.mode) != (t.metric, t.mode):
+                if tune_set:
+                    raise ConfigError("tune.metric", f"{self.tune.metric} ({self.tune.mode}) differs from train.metric "
+                                                     f"{t.metric} ({t.mode}): the search and the exported checkpoint "
+                                                     "use one metric; set it in one section")
+                self.tune.metric, self.tune.mode = t.metric, t.mode
+        if t.metric not in TASK_METRICS[self.model.task]:
+            raise ConfigError("train.metric", f"{self.model.task} validation reports "
+                                              f"{', '.join(TASK_METRICS[self.model.task])}, not {t.metric}")
+        if t.mode != METRIC_MODES[t.metric]:
+            raise ConfigError("train.mode", f"a {'lower' if METRIC_MODES[t.metric] == 'min' else 'higher'} "
+                                            f"{t.metric} is better: use {METRIC_MODES[t.metric]}")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else None
+        if scheme is not None and scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"unsupported storage scheme {scheme}://; use a local path or one of "
+                             f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        return v
+
+    # paths under output_dir, one place: `path` is local (for a remote output_dir, this node's mirror of it,
+    # synced by raylm.storage at stage boundaries); `uri` is where the files live (what Ray reads and writes)
     def path(self, *parts: str) -> Path:
-        return Path(self.output_dir).expanduser().joinpath(*parts)
+        from raylm import storage
+
+        if storage.is_uri(self.output_dir):
+            return storage.mirror_dir(self.output_dir).joinpath(*parts)
+        return Path(self.output_dir.removeprefix("file://")).expanduser().joinpath(*parts)
+
+    def uri(self, *parts: str) -> str:
+        from raylm import storage
+
+        return storage.join(self.output_dir, *parts)
 
     def config_hash(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
