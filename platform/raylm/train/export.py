@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from raylm.checkpoints import verify, weights_only_loads
 from raylm.config import Config
 from raylm.train.loop import CKPT_TAG, STATE_FILE
 from raylm.train.models import build_model, tokenizer_dir, unwrap_lora
@@ -17,12 +18,16 @@ from raylm.train.models import build_model, tokenizer_dir, unwrap_lora
 def consolidated_state_dict(ckpt_dir: str | Path, zero_stage: int) -> dict:
     """Full fp32 weights from a DeepSpeed checkpoint directory (any ZeRO stage)."""
     ckpt_dir = Path(ckpt_dir)
-    if zero_stage == 0:  # no partitioning: rank 0's model states hold the whole module
-        states = torch.load(ckpt_dir / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    problems = verify(ckpt_dir)
+    if problems:
+        raise RuntimeError(f"checkpoint {ckpt_dir} is damaged, not exporting it: {'; '.join(problems[:3])}")
+    with weights_only_loads():  # tensors only: nothing in output_dir gets to run code when loaded
+        if zero_stage == 0:  # no partitioning: rank 0's model states hold the whole module
+            states = torch.load(ckpt_dir / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
 
 
 def load_checkpoint_model(cfg: Config, manifest: dict, ckpt_dir: str | Path) -> torch.nn.Module:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raylm.checkpoints import resumable, weights_only_loads, write_manifest
 from raylm.config import Config
 from raylm.train.models import build_model
 
@@ -175,7 +176,8 @@ def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]
     device = engine.device
     state = State()
     if hooks.restore_dir:
-        _, client = engine.load_checkpoint(hooks.restore_dir, tag=CKPT_TAG)
+        with weights_only_loads():  # DeepSpeed unpickles with weights_only=False; never let a checkpoint run code
+            _, client = engine.load_checkpoint(hooks.restore_dir, tag=CKPT_TAG)
         state = State(**client["raylm"])
         state.resumed_from.append(state.step)
         torch.set_rng_state(client["rng"])
@@ -240,6 +242,7 @@ def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]
             tmp = Path(directory) / (STATE_FILE + ".tmp")
             tmp.write_text(json.dumps({**state.__dict__, "task": task, "config": cfg.model_dump(mode="json")}))
             tmp.rename(Path(directory) / STATE_FILE)
+        write_manifest(directory, hooks.rank, hooks.world_size)  # last: sizes + hashes of this rank's files
 
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
     engine.train()
@@ -348,6 +351,8 @@ def train_loop_per_worker(config: dict) -> dict:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a damaged newest checkpoint falls back to the previous intact one
+        checkpoint = resumable(checkpoint, STATE_FILE)
     with (checkpoint.as_directory() if checkpoint else _null()) as restore_dir:
         if restore_dir and not (Path(restore_dir) / STATE_FILE).exists():
             raise RuntimeError(f"checkpoint {restore_dir} is incomplete (no {STATE_FILE}); refusing to resume")
