@@ -32,6 +32,7 @@ HELP = {
     "evaluate": "metrics on the held-out test split",
     "serve": "deploy a model on Ray Serve and serve HTTP until stopped",
     "run": "prepare, tune or train, evaluate, serve, one real request, summary",
+    "inspect": "print samples of rejected (--reason R) or kept (--reason kept) documents from data/",
 }
 
 
@@ -58,6 +59,10 @@ def add_common_args(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "serve":
         p.add_argument("--print-config", action="store_true",
                        help="print the Ray Serve config (serveConfigV2 YAML) for this model and exit")
+    if verb == "inspect":
+        p.add_argument("--reason", default=None, help="a drop reason from the manifest, or 'kept'; omitted: counts per reason")
+        p.add_argument("-n", type=int, default=5, help="samples to print")
+        p.add_argument("--chars", type=int, default=1000, help="characters of each sample to print")
     if verb == "run":
         p.add_argument("--no-wait", action="store_true", help="exit after the sample request instead of serving")
 
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
     if args.verb == "validate":
         print(cfg.to_yaml(), end="")
         return 0
+    if args.verb == "inspect":  # reads data/ with pyarrow; no Ray
+        from raylm.data.review import inspect_data
+
+        return inspect_data(cfg, reason=args.reason, n=args.n, chars=args.chars)
     if args.verb == "serve" and args.print_config:
         from raylm.serve import serve_config
 

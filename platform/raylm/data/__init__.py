@@ -29,6 +29,7 @@ from raylm.config import Config
 from raylm.data.clean import PII_TYPES, clean_batch
 from raylm.data.dedup import exact_duplicates, near_duplicates
 from raylm.data.pack import pack_group, tokenize_classification, tokenize_lm, write_shards
+from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
 from raylm.data.tokenizer import build_tokenizer, special_ids
 from raylm.storage import write_json_atomic
@@ -133,7 +134,7 @@ def _prepare(cfg: Config) -> dict:
         # -- read + clean (one pass, materialized: everything after reads it)
         sources = [read_source(src, i) for i, src in enumerate(d.sources)]
         raw = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
-        cleaned = raw.map_batches(clean_batch, fn_kwargs={"cfg": d.clean}, batch_format="pyarrow", batch_size=16)
+        cleaned = raw.map_batches(clean_batch, fn_kwargs={"cfg": d.clean, "quality": d.quality}, batch_format="pyarrow", batch_size=16)
         if task == "classification":
             cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
         cleaned = cleaned.materialize()
@@ -218,6 +219,7 @@ def _prepare(cfg: Config) -> dict:
             "dropped": dict(sorted(Counter(r for r in meta["reason"] if r is not None).items())),
             "duplicates": {"exact": len(exact), "near": len(near)},
             "pii": {t: int(sum(meta[f"pii_{t}"])) for t in PII_TYPES},
+            "quality": quality_summary(cleaned, d.quality),  # per rule: drops by source/language, examples
             "config": cfg.model_dump(mode="json"),
             "config_hash": cfg.config_hash(),
             "versions": versions(),
