@@ -26,7 +26,7 @@ def ray_session():
 
     from raylm.runtime import ensure_ray
 
-    ensure_ray(None)
+    ensure_ray("local")  # private: never join a head someone started with `ray start` on this machine
     yield ray
     ray.shutdown()
 

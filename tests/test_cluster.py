@@ -6,15 +6,18 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from ray_head import PrivateHead
+from ray_head import BIN, PrivateHead, device_choices, free_port, job_state, readme_submit
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -41,6 +44,12 @@ def test_autoscaler_yaml_passes_ray_validation(name):
     prepared = prepare_config(copy.deepcopy(raw))  # defaults, node types, min/max workers (no cloud calls)
     validate_config(prepared)
 
+    # safe defaults: token auth on every node, the dashboard (the Jobs API) on the head's loopback only
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts), starts
+    assert "--dashboard-host=127.0.0.1" in starts[0] and "0.0.0.0" not in (CLUSTER / name).read_text()
+    assert raw["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", "the client's token on every node"
+
     types = prepared["available_node_types"]
     head = prepared["head_node_type"]
     assert head in types
@@ -65,11 +74,13 @@ def kuberay_docs(name: str) -> list[dict]:
 
 
 def check_cluster_spec(spec: dict, where: str) -> list[dict]:
-    """The ray.io/v1 RayCluster spec fields KubeRay requires; returns every pod template."""
+    """The ray.io/v1 RayCluster spec fields KubeRay requires, and safe defaults; returns every pod template."""
     assert spec.get("rayVersion") == "2.60.0", where
     assert spec.get("enableInTreeAutoscaling") is True, f"{where}: autoscaling on"
+    assert spec.get("authOptions") == {"mode": "token"}, f"{where}: Ray token auth on (KubeRay authOptions)"
     head = spec["headGroupSpec"]
     assert isinstance(head.get("rayStartParams"), dict), f"{where}: headGroupSpec.rayStartParams"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{where}: the head's ports stay inside the cluster"
     templates = [head["template"]]
     groups = spec.get("workerGroupSpecs") or []
     assert groups, f"{where}: at least one worker group"
@@ -109,6 +120,8 @@ def test_kuberay_manifest(name, kind):
     spec = doc["spec"]
     if kind == "RayCluster":
         templates = check_cluster_spec(spec, name)
+        # nothing in-cluster needs the Jobs API of a plain RayCluster: loopback, reached with kubectl port-forward
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
         assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
         gpu = [g for g in spec["workerGroupSpecs"]
                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
@@ -122,10 +135,24 @@ def test_kuberay_manifest(name, kind):
         assert "jobs/run.py" in spec["entrypoint"]
         assert spec["shutdownAfterJobFinishes"] is True
         assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+        # Serve on the pod's address only with an API key: the entrypoint's own config must validate
+        from raylm.config import load_config
+
+        args = spec["entrypoint"].split()
+        overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        cfg = load_config(REPO / args[args.index("-c") + 1], overrides)
+        assert cfg.serve.host == "0.0.0.0" and cfg.serve.api_key_env, overrides
+        head_env = {e["name"] for e in spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert cfg.serve.api_key_env in head_env, "the job's driver gets the key from a Secret"
     else:
         templates = check_cluster_spec(spec["rayClusterConfig"], name)
         apps = yaml.safe_load(spec["serveConfigV2"])["applications"]
         assert apps and all(a["import_path"] and a["route_prefix"] for a in apps)
+        # KubeRay's Serve proxies listen on the pods' addresses: every app requires an API key from a Secret
+        assert all(a["args"].get("api_key_env") for a in apps), "serve beyond loopback needs serve.api_key_env"
+        for t in templates:
+            env = {e["name"] for c in t["spec"]["containers"] for e in c.get("env", [])}
+            assert {a["args"]["api_key_env"] for a in apps} <= env, "every pod gets the key from a Secret"
     for i, t in enumerate(templates):
         validate_pod_template(t, f"{name} pod template {i}")
     for other in docs:  # e.g. the shared-volume PVC: plain Kubernetes objects
@@ -145,6 +172,18 @@ def test_rayservice_serve_config_is_generated_by_raylm(cli):
     committed = kuberay_docs("rayservice.yaml")[0]["spec"]["serveConfigV2"]
     assert yaml.safe_load(committed) == yaml.safe_load(proc.stdout)
     assert committed.strip() == proc.stdout.strip()
+
+
+@pytest.mark.timeout(60)
+def test_serve_beyond_loopback_requires_an_api_key(cli):
+    for host in ("0.0.0.0", "10.1.2.3", "'::'", "raylm.example.com"):
+        proc = cli("validate", "-c", "configs/quickstart.yaml", "--set", f"serve.host={host}", timeout=50)
+        assert proc.returncode == 2 and "config error: serve.host:" in proc.stderr and "api_key_env" in proc.stderr, \
+            (host, proc.stderr)
+    for extra in (["--set", "serve.host=0.0.0.0", "--set", "serve.api_key_env=RAYLM_API_KEY"],
+                  ["--set", "serve.host=localhost"], ["--set", "serve.host=127.0.0.1"]):
+        proc = cli("validate", "-c", "configs/quickstart.yaml", *extra, timeout=50)
+        assert proc.returncode == 0, (extra, proc.stderr)
 
 
 # ------------------------------------------------------------------------------------ autoscaling
@@ -167,26 +206,28 @@ FAKE_CLUSTER = {
     "worker_start_ray_commands": [],
 }
 
-# its own driver process: the test process may already hold the session's ray_session cluster
+# its own driver process: the test process may already hold the session's ray_session cluster. Runs each
+# `raylm` argv in turn (prepare, then tune) and records the alive-node count before and at its peak for each.
 DRIVER = r"""
 import json, sys, threading, time
 import ray
 from raylm.runtime import ensure_ray
 import raylm.cli
 
-address, args = sys.argv[1], sys.argv[2:]
+address, stages = sys.argv[1], json.loads(sys.argv[2])
 ensure_ray(address)
 alive = lambda: sum(1 for n in ray.nodes() if n["Alive"])
 counts = {"before": alive()}
-peak, done = [counts["before"]], threading.Event()
-def watch():
-    while not done.is_set():
-        peak.append(alive()); time.sleep(0.5)
-threading.Thread(target=watch, daemon=True).start()
-counts["rc"] = raylm.cli.main(args)
-done.set()
-counts["peak"] = max(peak + [alive()])
-print("NODE_COUNTS " + json.dumps(counts), flush=True)
+for name, args in stages:
+    peak, done = [alive()], threading.Event()
+    def watch():
+        while not done.is_set():
+            peak.append(alive()); time.sleep(0.5)
+    threading.Thread(target=watch, daemon=True).start()
+    counts[name + "_rc"] = raylm.cli.main(args)
+    done.set()
+    counts[name + "_peak"] = max(peak + [alive()])
+    print("NODE_COUNTS " + json.dumps(counts), flush=True)
 """
 
 # after the driver exits: Ray Data's helper actors live as long as their driver and keep a node busy
@@ -201,31 +242,176 @@ while alive() > 1 and time.time() < deadline:
 print("AFTER " + str(alive()), flush=True)
 """
 
+TINY = ["--set", "data.sources=[{builtin: python-docs, max_docs: 60}]", "--set", "data.tokenizer.train.vocab_size=300",
+        "--set", "data.clean.dedup=exact", "--set", "data.block_size=32"]
+TINY_TUNE = ["--set", "model.arch={family: gpt2, n_layer: 1, d_model: 32, n_head: 2}", "--set", "train.num_workers=1",
+             "--set", "train.max_steps=4", "--set", "train.batch_size=2", "--set", "train.eval_every=2",
+             "--set", "train.checkpoint_every=2", "--set", "train.eval_batches=1", "--set", "train.warmup_steps=1",
+             "--set", "tune={num_samples: 2, max_concurrent: 2, scheduler: {type: none}, "
+                      "space: {train.lr: {choice: [0.001, 0.003]}}}"]
 
-@pytest.mark.timeout(600)  # prepare on freshly launched fake nodes took >5 min on a loaded 2-core box
-def test_fake_autoscaling_cluster_adds_workers_for_prepare(tmp_path):
+
+@pytest.mark.timeout(900)  # prepare on freshly launched fake nodes took >5 min on a loaded 2-core box
+def test_fake_autoscaling_cluster_adds_workers_for_prepare_and_tune(tmp_path):
+    """A head with 0 CPUs and min_workers 0, as the shipped cluster files: prepare, then `raylm tune` with 2 trials
+    (tune.max_concurrent 2) make the autoscaler add nodes; both trials finish, best.json is written; idle nodes go."""
     out, log = tmp_path / "out", tmp_path / "driver.log"
+    common = ["-c", str(REPO / "configs/quickstart.yaml"), "--set", f"output_dir={out}", *TINY]
+    stages = [["prepare", ["prepare", *common]], ["tune", ["tune", *common, *TINY_TUNE]]]
     with PrivateHead(num_cpus=0, autoscaling_config=copy.deepcopy(FAKE_CLUSTER)) as head, open(log, "w") as f:
         try:
-            subprocess.run(
-                [sys.executable, "-c", DRIVER, head.gcs_address, "prepare", "-c", str(REPO / "configs/quickstart.yaml"),
-                 "--set", f"output_dir={out}", "--set", "data.sources=[{builtin: python-docs, max_docs: 60}]",
-                 "--set", "data.tokenizer.train.vocab_size=300", "--set", "data.clean.dedup=exact"],
-                env={**head.env, "PYTHONPATH": str(REPO / "platform")}, stdout=f, stderr=subprocess.STDOUT,
-                timeout=480, cwd=tmp_path)
+            subprocess.run([sys.executable, "-c", DRIVER, head.gcs_address, json.dumps(stages)],
+                           env={**head.env, "PYTHONPATH": str(REPO / "platform")}, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=780, cwd=tmp_path)
             subprocess.run([sys.executable, "-c", AFTER, head.gcs_address], env=head.env, stdout=f,
                            stderr=subprocess.STDOUT, timeout=180, cwd=tmp_path)
         except subprocess.TimeoutExpired:
             pass
     text = log.read_text()
-    line = next((ln for ln in text.splitlines() if ln.startswith("NODE_COUNTS ")), None)
-    assert line, f"driver did not finish:\n{text[-6000:]}"
-    counts = json.loads(line.removeprefix("NODE_COUNTS "))
+    lines = [ln for ln in text.splitlines() if ln.startswith("NODE_COUNTS ")]
+    assert lines, f"driver did not finish prepare:\n{text[-6000:]}"
+    counts = json.loads(lines[-1].removeprefix("NODE_COUNTS "))
     counts["after"] = int(next((ln.split()[1] for ln in text.splitlines() if ln.startswith("AFTER ")), -1))
     print(f"autoscaling node counts: {counts}")
-    assert counts["rc"] == 0, text[-6000:]
+    assert counts["prepare_rc"] == 0, text[-6000:]
     assert counts["before"] == 1, "only the head at the start"
-    assert counts["peak"] >= 2, "the autoscaler launched worker nodes for the Ray Data tasks"
-    assert counts["after"] == 1, "idle workers were removed again"
+    assert counts["prepare_peak"] >= 2, "the autoscaler launched worker nodes for the Ray Data tasks"
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] > 0
+    assert counts.get("tune_rc") == 0, text[-6000:]
+    assert counts["tune_peak"] >= 2, "trials' workers were placed on nodes the autoscaler added"
+    best = json.loads((out / "tune" / "best.json").read_text())
+    assert len(best["trials"]) == 2 and all(t["status"] == "finished" for t in best["trials"]), best["trials"]
+    assert (out / "model" / "model.safetensors").is_file()
+    assert counts["after"] == 1, "idle workers were removed again"
+
+
+# ------------------------------------------------------------------------------------ several nodes
+# A head with 0 CPUs plus three worker nodes, each its own raylet joined with `ray start --address` (own temp dir,
+# own process group, 3 logical CPUs); one cluster for both multi-node tests. Training workers take 2 CPUs each, so
+# no node fits two of them: the 2 workers land on different nodes and a third node is the spare.
+NODE_CPUS, WORKER_CPUS = 3, 2
+MULTINODE_DATA = ["--set", "data.sources=[{builtin: python-docs, max_docs: 60}]",
+                  "--set", "data.tokenizer.train.vocab_size=300", "--set", "data.block_size=32",
+                  "--set", "data.clean.dedup=exact"]
+MULTINODE_TRAIN = ["--set", "model.arch={family: gpt2, n_layer: 1, d_model: 32, n_head: 2}",
+                   "--set", f"train.cpus_per_worker={WORKER_CPUS}", "--set", "train.num_workers=2",
+                   "--set", "train.batch_size=2", "--set", "train.eval_batches=1", "--set", "train.warmup_steps=1",
+                   "--set", "train.log_every=1", "--set", "train.early_stopping=null", "--set", "train.max_failures=1"]
+
+
+def alive_nodes(head: PrivateHead) -> list[dict]:
+    proc = head.ray("list", "nodes", "--address", head.dashboard_url, "--format", "json", "--detail",
+                    "--filter", "state=ALIVE", timeout=60)
+    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else []
+
+
+@pytest.fixture(scope="module")
+def multinode():
+    with PrivateHead(num_cpus=0) as head:
+        for k in range(3):
+            head.add_node(num_cpus=NODE_CPUS, resources={f"raylm_test_node_{k}": 1})
+        deadline, nodes = time.time() + 120, []
+        while time.time() < deadline and len(nodes) < 4:
+            nodes = alive_nodes(head)
+            time.sleep(1)
+        assert len(nodes) == 4, nodes
+        head.head_node_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+        for node in head.nodes:  # Ray's node id of each WorkerNode, by its marker resource
+            marker = next(iter(node.resources))
+            node.node_id = next(n["node_id"] for n in nodes if marker in (n.get("resources_total") or {}))
+        yield head
+
+
+@pytest.fixture(scope="module")
+def multinode_run(multinode, tmp_path_factory):
+    """The README's `jobs/run.py --no-wait` line against the multi-node head: prepare, train, evaluate, serve."""
+    out = tmp_path_factory.mktemp("multinode") / "out"
+    port = free_port()
+    start = time.time()
+    job_id, state, logs = readme_submit(multinode, "run.py", out, *MULTINODE_DATA, *MULTINODE_TRAIN,
+                                        "--set", "train.max_steps=4", "--set", "train.eval_every=2",
+                                        "--set", "train.checkpoint_every=2", "--set", f"serve.port={port}",
+                                        timeout=600)
+    return {"out": out, "state": state, "logs": logs, "wall_s": time.time() - start, "port": port}
+
+
+@pytest.mark.timeout(900)
+def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run):
+    run, out = multinode_run, multinode_run["out"]
+    print(f"multi-node run.py job: {run['state']} in {run['wall_s']:.0f}s")
+    assert run["state"] == "SUCCEEDED", run["logs"][-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and all(s["status"] == "ok" for s in summary["steps"].values()), summary
+    assert set(summary["steps"]) >= {"prepare", "train", "evaluate", "serve", "request"}
+    assert summary["sample"]["response"]["choices"], summary["sample"]
+    # the two training workers ran on two different worker nodes (never the 0-CPU head)
+    choices = {rank: node for rank, *_, node in device_choices(run["logs"])}
+    worker_ids = {n.node_id for n in multinode.nodes}
+    print(f"training placement: {choices}; worker nodes {[n.node_id for n in multinode.nodes]}")
+    assert sorted(choices) == [0, 1] and choices[0] != choices[1], choices
+    assert set(choices.values()) <= worker_ids, (choices, worker_ids)
+    assert (out / "metrics.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    # one more request through the Serve proxy the job left running (Serve outlives the job's driver)
+    req = urllib.request.Request(f"http://127.0.0.1:{run['port']}/v1/completions",
+                                 data=json.dumps({"prompt": "def ", "max_tokens": 4}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["choices"]
+    # free the replicas' CPUs for the next test
+    proc = subprocess.run([str(BIN / "serve"), "shutdown", "--address", multinode.dashboard_url, "--yes"],
+                          env=multinode.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.timeout(900)
+def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode, multinode_run):
+    """Kill the node (raylet process group) of one training worker after the first checkpoint: Ray Train restarts
+    the worker group on the surviving and the spare node, from that checkpoint, and finishes."""
+    out = multinode_run["out"]
+    assert (out / "data" / "manifest.json").is_file(), "needs the prepared data of the multi-node run"
+    steps = 40
+    start = time.time()
+    job_id, state, _ = readme_submit(multinode, "train.py", out, *MULTINODE_DATA, *MULTINODE_TRAIN,
+                                     "--set", f"train.max_steps={steps}", "--set", "train.eval_every=2",
+                                     "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=50",
+                                     wait=False, timeout=120)
+    assert state in ("PENDING", "RUNNING"), state
+    # the first checkpoint lands in output_dir/train/<run>/checkpoint_*; the workers' placement is in the logs
+    victim, ckpts_at_kill = None, []
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        state, logs = job_state(multinode, job_id)
+        assert state in ("PENDING", "RUNNING"), f"job ended before the kill ({state}):\n{logs[-5000:]}"
+        placed = {rank: node for rank, *_, node in device_choices(logs)}
+        ckpts = sorted(p for p in (out / "train").glob("run-*/checkpoint_*") if p.is_dir()
+                       and p.stat().st_mtime >= start)
+        if ckpts and 1 in placed:
+            time.sleep(4)  # Ray Train polls reports every ~2 s: let it register the checkpoint first
+            ckpts_at_kill = sorted(p.name for p in (out / "train").glob("run-*/checkpoint_*")
+                                   if p.stat().st_mtime >= start)
+            victim = next(n for n in multinode.nodes if n.node_id == placed[1])
+            first_placement = dict(placed)
+            victim.kill()
+            killed_at = time.time()
+            break
+        time.sleep(1)
+    assert victim is not None, f"no checkpoint within the deadline:\n{logs[-5000:]}"
+    spare = next(n.node_id for n in multinode.nodes if n.node_id not in first_placement.values())
+    while time.time() < killed_at + 420:
+        state, logs = job_state(multinode, job_id)
+        if state not in ("PENDING", "RUNNING"):
+            break
+        time.sleep(3)
+    wall = time.time() - start
+    assert state == "SUCCEEDED", logs[-8000:]
+    resumed = [int(m) for m in re.findall(r"resumed from checkpoint at step (\d+)", logs)]
+    placements = device_choices(logs)
+    after = {rank: node for rank, *_, node in placements[len(first_placement):]}
+    print(f"fault run: {wall:.0f}s; first placement {first_placement}, killed {victim.node_id}, "
+          f"checkpoints at kill {ckpts_at_kill}, resumed from steps {resumed}, new placement {after}")
+    assert resumed and 2 <= resumed[0] < steps and resumed[0] % 2 == 0, resumed
+    assert victim.node_id not in after.values() and spare in after.values(), (after, victim.node_id, spare)
+    summary = json.loads((out / "model" / "training_summary.json").read_text())
+    assert summary["steps"] == steps and summary["resumed_from"] == resumed[:1], summary["resumed_from"]
+    assert time.time() - killed_at < 420

@@ -125,14 +125,17 @@ def run_stage(verb: str, cfg: Config, address: str | None = None, **kwargs) -> i
     module, _, func = STAGES[verb].partition(":")
     try:
         stage = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as e:
-        print(f"raylm {verb}: not yet available ({e})", file=sys.stderr)
+    except ImportError as e:
+        print(missing_dependency(verb, e), file=sys.stderr)
         return 1
     from raylm.runtime import ensure_ray
 
     try:
         ensure_ray(address)
         stage(cfg, **kwargs)
+    except ImportError as e:  # a lazy import inside the stage, e.g. on a worker's or the job's python
+        print(missing_dependency(verb, e), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"raylm {verb}: interrupted", file=sys.stderr)
         return 130
@@ -151,6 +154,19 @@ def run_stage(verb: str, cfg: Config, address: str | None = None, **kwargs) -> i
               f"  traceback: {trace}\n  ray logs: {logs}", file=sys.stderr)
         return 1
     return 0
+
+
+# import name -> what to pip install, where the two differ
+PIP_NAMES: dict[str, str] = {"yaml": "pyyaml", "sklearn": "scikit-learn", "ray": "ray[data,train,tune,serve]",
+                             "PIL": "pillow", "google": "protobuf"}
+
+
+def missing_dependency(verb: str, e: ImportError) -> str:
+    """One line naming the module this python lacks and how to install it."""
+    name = (e.name or str(e)).split(".")[0]
+    return (f"raylm {verb}: missing dependency: {e} (python: {sys.executable})\n"
+            f"  install it into that environment: pip install '{PIP_NAMES.get(name, name)}' "
+            f"(or the whole stack: pip install -e . from the raylm checkout)")
 
 
 def first_line(e: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Connecting to Ray: `--address`, else RAY_ADDRESS, else a local cluster; the runtime env workers need.
+"""Connecting to Ray: `--address`, else RAY_ADDRESS, else a running local head, else a private local cluster;
+the runtime env workers need.
 
 Under `ray job submit` the driver joins the cluster it runs in (`address="auto"`), and raylm reaches workers on
 every node through `py_modules` (Ray uploads the package once and puts it on each worker's path), so no node
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import raylm
@@ -23,15 +25,9 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def worker_env() -> dict[str, str]:
+    """Env vars every worker gets. Nothing about devices: the driver (often a CPU-only head) cannot know what a
+    worker's node has, so each training worker decides its accelerator itself (raylm.accelerator)."""
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    try:
-        import torch
-
-        # DS_ACCELERATOR=cpu silences DeepSpeed's accelerator probe on CPU workers; only set without CUDA
-        if not torch.cuda.is_available():
-            env["DS_ACCELERATOR"] = "cpu"
-    except ImportError:
-        pass
     # raylm's source root on workers' path, so workers on this machine import it even when it is not installed
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT.parent), os.environ.get("PYTHONPATH")) if p)
     return env
@@ -68,14 +64,38 @@ def runtime_env(joining: bool) -> dict:
     return renv
 
 
+LOCAL = "local"  # `--address local`: always a private cluster, even with a local head running
+
+
+def running_local_head() -> str | None:
+    """The GCS address of a head started with `ray start` on this machine that is still running, else None.
+    Ray records the last one in `<temp dir>/ray_current_cluster`; a head that was killed leaves that file behind,
+    so the address only counts while a GCS process serving it is alive (Ray's own check in `ray start`)."""
+    from ray._private import services
+
+    recorded = services.find_bootstrap_address(None)
+    if not recorded:
+        return None
+    services.find_gcs_addresses.cache_clear()
+    return recorded if recorded in services.find_gcs_addresses() else None
+
+
 def ensure_ray(address: str | None = None, **init_kwargs) -> None:
-    """Start or join Ray once per process; a no-op when Ray is already initialized (tests, jobs)."""
+    """Start or join Ray once per process; a no-op when Ray is already initialized (tests, jobs).
+
+    `address`, else RAY_ADDRESS, else the job's own cluster, else a running local `ray start` head (joined, said in
+    one line), else a private local cluster; `address="local"` always starts a private one."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or ("auto" if in_submitted_job() else None)
-    if address:
+    if address is None and (head := running_local_head()):
+        print(f"raylm: joining the local Ray cluster at {head} (started with `ray start`); "
+              f"--address local starts a private one", file=sys.stderr, flush=True)
+        # "auto" (not the address itself) lets Ray enable token auth when the head uses it, as for any local join
+        address = "auto"
+    if address and address != LOCAL:
         init_kwargs.setdefault("log_to_driver", True)
         ray.init(address=address, runtime_env=runtime_env(joining=True), **init_kwargs)
     else:
@@ -84,4 +104,5 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         init_kwargs.setdefault("num_cpus", max(4, os.cpu_count() or 1))
         # The dashboard stays on: without it, Tune over Ray Train V2 left placement groups behind (STACK-NOTES).
         init_kwargs.setdefault("include_dashboard", True)
-        ray.init(runtime_env=runtime_env(joining=False), **init_kwargs)
+        # "local": a new cluster even when a (possibly stale) ray_current_cluster file names another one
+        ray.init(address=LOCAL, runtime_env=runtime_env(joining=False), **init_kwargs)

@@ -330,6 +330,10 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     from ray.train import Checkpoint
 
+    from raylm.accelerator import choose_device
+
+    choice = choose_device()  # before DeepSpeed is first used: this worker's own GPU/CPU, not the driver's
+    print(f"[raylm train] worker rank {ray.train.get_context().get_world_rank()}: {choice.describe()}", flush=True)
     cfg = Config.model_validate(config["cfg"])
     manifest = config["manifest"]
     if config.get("fault_at_step"):
