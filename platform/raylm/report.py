@@ -179,11 +179,36 @@ def data_card_section(ctx: dict) -> str:
                       [[f"dropped: {k}", v] for k, v in dropped.items()]
                       + [[f"duplicates: {k}", v] for k, v in dups.items()]
                       + [[f"PII replaced: {k}", v] for k, v in pii.items()])]
+    out += quality_card(manifest.get("quality") or {})
     splits = manifest.get("splits") or {}
     out += ["", table(["split", "documents", "tokens", "rows", "shards"],
                       [[name, s.get("documents"), s.get("tokens"), s.get("rows"), s.get("shards")]
                        for name, s in splits.items()])]
     return "\n".join(out)
+
+
+def quality_card(q: dict) -> list[str]:
+    """The quality rules' drops (manifest `quality`): per rule with sub-rules, sources and languages, examples."""
+    if not q.get("per_rule"):
+        return []
+
+    def top(counts: dict, k: int = 3) -> str:
+        return ", ".join(f"{name} {n}" for name, n in list(counts.items())[:k])
+
+    out = ["", f"Quality rules (preset `{q['preset']}`, languages {q.get('languages_kept')}): "
+               f"{q['documents_dropped']} of {q['documents_checked']} documents checked were dropped; "
+               "`raylm inspect -c CFG --reason RULE` prints them.", "",
+           table(["rule", "dropped", "share", "sub-rules", "sources", "languages"],
+                 [[r, s["dropped"], f"{s['share']:.1%}", top(s["by_detail"]), top(s["by_source"], 2), top(s["by_language"])]
+                  for r, s in q["per_rule"].items()])]
+    out += ["", table(["language", "kept", "dropped"], [[lang, c["kept"], c["dropped"]] for lang, c in q["languages"].items()][:10])]
+    for rule, s in q["per_rule"].items():
+        for kind in ("rejected", "kept"):
+            ex = s.get(f"example_{kind}")
+            if ex and ex.get("text"):
+                snippet = " ".join(ex["text"].split())[:240].replace("|", "\\|")
+                out += ["", f"*{rule}, {kind}* (`{ex['doc_id']}`): {snippet}..."]
+    return out
 
 
 SECTIONS: list[Callable[[dict], str]] = [
