@@ -276,3 +276,71 @@ def test_trafilatura_keeps_main_content_and_clean_batch_reports_language():
     assert out["language"][:2] == ["en", "fr"] and out["quality_detail"][1] == "not_en"
     assert out["text"][1] == FRENCH and out["text"][2] is None  # a quality reject keeps its text for review
     assert "Download the latest release" not in out["text"][0] and out["exact_key"][1] is None
+
+
+# ------------------------------------------------------------------------------- prepare, end to end
+@pytest.mark.timeout(900)
+def test_prepare_keeps_every_reject_for_review_counts_them_and_repeats(ray_session, tmp_path, cli):
+    """FineWeb preset through `raylm prepare`: manifest counts per rule, source and language; data/rejected/
+    holds exactly the dropped documents (plain pyarrow); `raylm inspect` prints them; a re-run gives the same sets."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from raylm.data import prepare
+    from raylm.report import quality_card
+
+    english = {**CLEAN, **{k: v[0] for k, v in DAMAGED.items() if k not in ("german", "french", "spanish")}}
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in english.values()))
+    intl = tmp_path / "intl"
+    intl.mkdir()
+    for k in ("german", "french", "spanish"):
+        (intl / f"{k}.txt").write_text(DAMAGED[k][0])
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "data": {"sources": [{"path": str(docs), "format": "jsonl"}, {"path": f"{intl}/*.txt", "format": "txt"}],
+                 "clean": {"dedup": "exact"}, "quality": {"preset": "fineweb"},
+                 "tokenizer": {"train": {"type": "bpe", "vocab_size": 300}}, "block_size": 32, "shards_per_split": 1}}))
+    cfg = load_config(cfg_file)
+
+    m = prepare(cfg)
+    expected = Counter(rule for _, rule in DAMAGED.values())
+    assert m["dropped"] == dict(expected) and m["documents_kept"] == len(CLEAN)
+    q = m["quality"]
+    assert {r: s["dropped"] for r, s in q["per_rule"].items()} == {r: expected[r] for r in q["rules"]}
+    assert q["documents_checked"] == len(english) + 3
+    lang = q["per_rule"]["language"]
+    assert lang["by_language"] == {"de": 1, "es": 1, "fr": 1, "la": 1}
+    assert lang["by_source"] == {f"{intl}/*.txt": 3, str(docs): 1}
+    assert q["languages"]["en"] == {"kept": len(CLEAN), "dropped": sum(expected.values()) - 4}
+    for rule, stats in q["per_rule"].items():  # each example is a planted page of the right kind
+        assert stats["example_rejected"]["text"] in {v[0][:600] for v in DAMAGED.values() if v[1] == rule}
+        assert any(stats["example_kept"]["text"][:100] in t for t in CLEAN.values())
+
+    card = "\n".join(quality_card(q))  # report.md's data card
+    assert "| language | 4 | 23.5% | not_en 4 |" in card and "| en | 6 | 7 |" in card
+
+    rejected = pq.read_table(cfg.path("data", "rejected"))  # plain pyarrow, no raylm
+    assert rejected.num_rows == sum(m["dropped"].values()) + sum(m["duplicates"].values())
+    rows = rejected.to_pylist()
+    assert sorted((r["reason"], r["text"]) for r in rows) == sorted((rule, text) for text, rule in DAMAGED.values())
+    assert {r["language"] for r in rows if r["reason"] == "language"} == {"de", "es", "fr", "la"}
+
+    shown = cli("inspect", "-c", str(cfg_file), "--reason", "language", "-n", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert "4 documents rejected as language; 2 shown" in shown.stdout and shown.stdout.count("--- ") == 2
+    assert sum(DAMAGED[k][0][:40] in shown.stdout for k in ("german", "french", "spanish", "lorem_page")) == 2
+    summary = cli("inspect", "-c", str(cfg_file))
+    assert summary.returncode == 0 and "language" in summary.stdout and "gopher_repetition" in summary.stdout
+    missing = cli("inspect", "-c", str(cfg_file), "--reason", "nope")
+    assert missing.returncode == 1 and "nope" in missing.stderr
+
+    def sets():
+        rej = pq.read_table(cfg.path("data", "rejected")).select(["doc_id", "reason"]).to_pylist()
+        kept = pq.read_table(cfg.path("data", "documents.parquet")).column("doc_id").to_pylist()
+        return sorted(tuple(r.values()) for r in rej), sorted(kept)
+
+    first = sets()
+    prepare(cfg)
+    assert sets() == first

@@ -165,7 +165,8 @@ class Quality(Strict):
 
     preset: Literal["none", "c4", "gopher", "fineweb"] = Field("none", description="rule set and defaults to start from")
     rules: list[QualityRule] = Field(default_factory=list, description="rules to run (the preset's when omitted)")
-    languages: list[str] | None = Field(["en"], description="ISO 639-1 codes to keep (null: any); rule `language`")
+    languages: list[str] | None = Field(["en"], min_length=1,
+                                        description="ISO 639-1 codes to keep (null: any); rule `language`")
     min_language_score: float = Field(0.65, ge=0, le=1, description="min language-ID probability to keep")
     gopher: GopherRules = Field(default_factory=GopherRules)
     c4: C4Rules = Field(default_factory=C4Rules)
