@@ -144,7 +144,7 @@ def run_stage(verb: str, cfg: Config, address: str | None = None, **kwargs) -> i
         return 2
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback to the log file
         logs = log_dir()
-        trace = Path(cfg.output_dir).expanduser() / "logs" / f"{verb}-error.log"
+        trace = cfg.path("logs", f"{verb}-error.log")  # local (this node's mirror when output_dir is a URI)
         try:
             trace.parent.mkdir(parents=True, exist_ok=True)
             trace.write_text(traceback.format_exc())

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raylm.config import Config, ConfigError
-from raylm.storage import write_json_atomic
+from raylm.storage import list_files, materialize, resolve as resolve_storage, stage_io, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ ROC_POINTS = 101  # ROC curves kept in metrics.json are thinned to at most this 
 def load_model(model_dir: str, task: str, device: str = "cpu"):
     from raylm.train.models import auto_class
 
-    model = auto_class(task).from_pretrained(model_dir)
+    model = auto_class(task).from_pretrained(materialize(model_dir))  # a URI: this node's verified copy
     return model.to(device).eval()
 
 
@@ -190,7 +190,7 @@ def sample_completions(model_dir: str, prompts: list[list[int]], seed: int, use_
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, "causal_lm", device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(materialize(model_dir))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # the model cannot attend past its context: a completion stops there
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
@@ -206,12 +206,13 @@ def sample_completions(model_dir: str, prompts: list[list[int]], seed: int, use_
     return out
 
 
-def first_rows(split_dir: Path, n: int, columns: list[str]) -> dict[str, list]:
+def first_rows(split_dir: str | Path, n: int, columns: list[str]) -> dict[str, list]:
     import pyarrow.parquet as pq
 
     rows: dict[str, list] = {c: [] for c in columns}
-    for shard in sorted(split_dir.glob("*.parquet")):
-        table = pq.read_table(shard, columns=columns).slice(0, n - len(rows[columns[0]]))
+    fs, _ = resolve_storage(split_dir)
+    for shard in list_files(split_dir, ".parquet"):
+        table = pq.read_table(shard, columns=columns, filesystem=fs).slice(0, n - len(rows[columns[0]]))
         for c in columns:
             rows[c].extend(table.column(c).to_pylist())
         if len(rows[columns[0]]) >= n:
@@ -237,31 +238,33 @@ def scoring_context(cfg: Config, model_dir: Path, manifest: dict) -> dict[str, A
         if not id2label and manifest.get("label_map"):
             id2label = {i: name for name, i in manifest["label_map"].items()}
         ctx["label_names"] = [str(id2label[i]) for i in range(len(id2label))]
-        ctx["majority_label"] = majority_label(cfg.path("data", "train"))
+        ctx["majority_label"] = majority_label(cfg.uri("data", "train"))
     return ctx
 
 
-def majority_label(train_dir: Path) -> int:
+def majority_label(train_dir: str | Path) -> int:
     import pyarrow.parquet as pq
 
     counts: dict[int, int] = {}
-    for shard in sorted(train_dir.glob("*.parquet")):
-        for label in pq.read_table(shard, columns=["label"]).column("label").to_pylist():
+    fs, _ = resolve_storage(train_dir)
+    for shard in list_files(train_dir, ".parquet"):
+        for label in pq.read_table(shard, columns=["label"], filesystem=fs).column("label").to_pylist():
             counts[label] = counts.get(label, 0) + 1
     if not counts:
         raise FileNotFoundError(f"no training labels under {train_dir} for the majority-class baseline")
     return max(sorted(counts), key=counts.get)
 
 
-def score_test_split(cfg: Config, model_dir: Path, ctx: dict) -> dict[str, np.ndarray]:
+def score_test_split(cfg: Config, model_dir: str | Path, ctx: dict) -> dict[str, np.ndarray]:
     """Scores every test row with Ray Data actors; returns the per-row outputs as concatenated columns."""
     import ray
 
-    test_dir = cfg.path("data", "test")
-    if not any(test_dir.glob("*.parquet")):
+    test_dir = cfg.uri("data", "test")  # local or in an object store: Ray Data reads it where it is
+    if not list_files(test_dir, ".parquet"):
         raise FileNotFoundError(f"no test shards under {test_dir}; run `raylm prepare` first")
     columns = ["input_ids"] + {"classification": ["attention_mask", "label"]}.get(cfg.model.task, [])
-    ds = ray.data.read_parquet(str(test_dir), columns=columns)
+    fs, path = resolve_storage(test_dir)
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
     scored = ds.map_batches(
         SplitScorer,
         fn_constructor_kwargs={"model_dir": str(model_dir), "task": cfg.model.task, "ctx": ctx},
@@ -281,6 +284,7 @@ def score_test_split(cfg: Config, model_dir: Path, ctx: dict) -> dict[str, np.nd
     return {key: np.concatenate(chunks) for key, chunks in parts.items()}
 
 
+@stage_io("evaluate")  # remote output_dir: report.md and plots/ are written to the mirror, then uploaded
 def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]:
     """Scores the model on the test split; writes metrics.json, report.md and plots/*.png."""
     import ray
@@ -288,30 +292,31 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     from raylm.report import write_report
 
     start = time.time()
-    model_dir = Path(model_dir).expanduser() if model_dir else cfg.path("model")
+    model_ref = str(model_dir) if model_dir else cfg.uri("model")  # what scorers load, on any node (path or URI)
+    model_dir = materialize(model_ref)  # this node's copy: downloaded and verified when it is a URI
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"no model at {model_dir} (run `raylm train` or `raylm tune`, or pass --model)")
+        raise FileNotFoundError(f"no model at {model_ref} (run `raylm train` or `raylm tune`, or pass --model)")
     manifest_path = cfg.path("data", "manifest.json")
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     task = cfg.model.task
     ctx = scoring_context(cfg, model_dir, manifest)
-    log.info("evaluate: scoring %s (%s) on %s", model_dir, task, cfg.path("data", "test"))
+    log.info("evaluate: scoring %s (%s) on %s", model_ref, task, cfg.uri("data", "test"))
 
     completions_ref = None
     if task == "causal_lm":
         prompt_len = min(PROMPT_TOKENS, cfg.data.block_size // 2)
-        prompts = [ids[:prompt_len] for ids in first_rows(cfg.path("data", "test"), NUM_COMPLETIONS, ["input_ids"])["input_ids"]]
+        prompts = [ids[:prompt_len] for ids in first_rows(cfg.uri("data", "test"), NUM_COMPLETIONS, ["input_ids"])["input_ids"]]
         completions_ref = ray.remote(sample_completions).options(
             num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
-        ).remote(str(model_dir), prompts, cfg.seed, cfg.train.use_gpu)
+        ).remote(model_ref, prompts, cfg.seed, cfg.train.use_gpu)
 
-    cols = score_test_split(cfg, model_dir, ctx)
-    metrics: dict[str, Any] = {"task": task, "split": "test", "model_dir": str(model_dir),
+    cols = score_test_split(cfg, model_ref, ctx)
+    metrics: dict[str, Any] = {"task": task, "split": "test", "model_dir": model_ref,
                                "rows": int(len(next(iter(cols.values())))), **AGGREGATES[task](cols, ctx)}
     if completions_ref is not None:
         metrics["completions"] = ray.get(completions_ref)
     metrics["wall_time_s"] = round(time.time() - start, 2)
-    write_json_atomic(cfg.path("metrics.json"), metrics)
+    write_json_atomic(cfg.uri("metrics.json"), metrics)
     write_report(cfg, metrics, model_dir)
     log.info("evaluate: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics

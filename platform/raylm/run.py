@@ -49,7 +49,7 @@ def run(cfg: Config, wait: bool = True) -> dict:
 
     summary: dict[str, Any] = {"name": cfg.name, "config_hash": cfg.config_hash(), "status": "running",
                                "started_at": datetime.now(timezone.utc).isoformat(), "steps": {}}
-    out = cfg.path("summary.json")
+    out = cfg.uri("summary.json")  # each rewrite is one atomic file (or object) write
     t0 = time.perf_counter()
 
     def step(name: str, fn: Callable[[], Any]) -> Any:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raylm.config import Config, ConfigError, with_overrides
-from raylm.storage import write_json_atomic
+from raylm.storage import is_uri, join as join_storage, resolve as resolve_storage, stage_io, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,13 @@ def run_trial(values: dict[str, Any], base: dict) -> None:
 
     from raylm.train import make_trainer
 
-    cfg = with_overrides(Config.model_validate(base), values)
+    base_cfg = Config.model_validate(base)
+    cfg = with_overrides(base_cfg, values)
+    trial_dir = tune.get_context().get_trial_dir()
+    if is_uri(base_cfg.output_dir):  # the trial dir above is a local staging dir: the Train run goes to the store
+        trial_dir = join_storage(base_cfg.uri("tune"), experiment_name(base_cfg), Path(trial_dir).name)
     # a fixed run name inside the trial dir: a restored trial's Train run resumes from its latest checkpoint
-    trainer = make_trainer(cfg, storage_path=tune.get_context().get_trial_dir(), name=TRAIN_RUN_NAME,
+    trainer = make_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME,
                            callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:
@@ -145,14 +149,14 @@ def make_tuner(cfg: Config):
 
     from raylm.runtime import worker_env  # noqa: F401 - workers get raylm's env from ray.init's runtime_env
 
-    storage = str(cfg.path("tune").expanduser().resolve())
+    fs, storage = resolve_storage(cfg.uri("tune"))  # local or an object store: Tune writes there itself
     name = experiment_name(cfg)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json")),
                                     {"cpu": TRIAL_CPU})
-    path = str(Path(storage) / name)
-    if tune.Tuner.can_restore(path):
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log.info("tune: resuming the experiment at %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True), path
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs), path
     concurrency = trial_concurrency(cfg)
     log.info("tune: %d samples, %d at a time, scheduler %s, search %s", cfg.tune.num_samples, concurrency,
              cfg.tune.scheduler.type, cfg.tune.search)
@@ -162,7 +166,7 @@ def make_tuner(cfg: Config):
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg, concurrency),
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=fs, verbose=1),
     )
     return tuner, path
 
@@ -199,6 +203,7 @@ def trial_rows(cfg: Config, grid, max_t: int) -> list[dict]:
     return rows
 
 
+@stage_io("tune")  # remote output_dir: model/ is exported to the mirror, then uploaded
 def tune(cfg: Config) -> dict:
     """Runs (or resumes) the search; writes tune/best.json and exports the best trial to model/."""
     from ray.train import Result
@@ -228,7 +233,8 @@ def tune(cfg: Config) -> dict:
     pick = min if cfg.tune.mode == "min" else max
     best = pick(scored, key=lambda r: r["metric"])
     best_cfg = with_overrides(cfg, best["hyperparameters"])
-    train_result = Result.from_path(str(Path(best["path"]) / TRAIN_RUN_NAME))
+    train_result = Result.from_path(f"{best['path']}/{TRAIN_RUN_NAME}",
+                                    storage_filesystem=resolve_storage(cfg.uri("tune"))[0])
     summary = export_result(best_cfg, train_result, manifest=manifest)
     report = {
         "metric": cfg.tune.metric, "mode": cfg.tune.mode, "scheduler": cfg.tune.scheduler.type,
@@ -240,7 +246,7 @@ def tune(cfg: Config) -> dict:
         "trials": rows,
         "wall_time_s": round(time.time() - start, 1),
     }
-    write_json_atomic(cfg.path("tune", "best.json"), report)
+    write_json_atomic(cfg.uri("tune", "best.json"), report)
     for r in rows:
         print(f"[raylm tune] {r['trial_id']} {r['hyperparameters']} {r['status']} {cfg.tune.metric}={r['metric']} "
               f"evals={r['iterations']}")

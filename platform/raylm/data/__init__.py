@@ -32,7 +32,7 @@ from raylm.data.pack import pack_group, tokenize_classification, tokenize_lm, wr
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
 from raylm.data.tokenizer import build_tokenizer, special_ids
-from raylm.storage import write_json_atomic
+from raylm.storage import resolve as resolve_storage, shard_dir, stage_io, write_json_atomic
 
 __all__ = ["prepare", "assign_splits", "SPLITS"]
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def versions() -> dict[str, str]:
             "pyarrow": pa.__version__, "python": platform.python_version()}
 
 
+@stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
 def prepare(cfg: Config) -> dict:
     """Run the data stage for `cfg`; writes `output_dir/data/` and returns the manifest."""
     from ray.data.context import ShuffleStrategy
@@ -189,12 +190,14 @@ def _prepare(cfg: Config) -> dict:
                         .sort(["pack_group", "seq"]).select_columns(["input_ids"]).materialize())
                 tokens = rows.count() * block
             n_rows = rows.count()
-            out = work / split
-            out.mkdir()
+            out = shard_dir(cfg, work, split)  # the run's temp dir, or the object store itself
             if n_rows:
                 shards = write_shards(rows, out, split, min(d.shards_per_split, n_rows))
             else:  # an empty split still has one (empty) shard with the schema, so readers need no special case
-                pq.write_table(SHARD_SCHEMAS[task == "classification"].empty_table(), out / f"{split}-00000.parquet")
+                fs, path = resolve_storage(out)
+                fs.create_dir(path)
+                pq.write_table(SHARD_SCHEMAS[task == "classification"].empty_table(), f"{path}/{split}-00000.parquet",
+                               filesystem=fs)
                 shards = [f"{split}-00000.parquet"]
             splits[split] = {"documents": n_docs, "tokens": tokens, "rows": n_rows, "shards": len(shards)}
 

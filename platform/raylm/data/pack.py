@@ -71,10 +71,14 @@ class ShardNames(FilenameProvider):
         return f"{self.split}-{task_index:05d}-{block_index:03d}.parquet"
 
 
-def write_shards(ds: ray.data.Dataset, out_dir: Path, split: str, shards: int) -> list[str]:
-    """Write `ds` (already in its final row order) as up to `shards` Parquet files; returns their names."""
+def write_shards(ds: ray.data.Dataset, out_dir: str | Path, split: str, shards: int) -> list[str]:
+    """Write `ds` (already in its final row order) as up to `shards` Parquet files in `out_dir` (a local path or
+    an object-store URI); returns their names."""
     from ray.data import SaveMode
 
+    from raylm.storage import list_files, resolve
+
+    fs, path = resolve(out_dir)
     # OVERWRITE: stable names carry no write uuid (Ray refuses that in APPEND mode); out_dir is fresh anyway
-    ds.repartition(shards).write_parquet(str(out_dir), filename_provider=ShardNames(split), mode=SaveMode.OVERWRITE)
-    return sorted(p.name for p in out_dir.glob("*.parquet"))
+    ds.repartition(shards).write_parquet(path, filesystem=fs, filename_provider=ShardNames(split), mode=SaveMode.OVERWRITE)
+    return [p.rsplit("/", 1)[-1] for p in list_files(out_dir, ".parquet")]

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raylm import storage
 from raylm.config import Config, ConfigError
 
 IMPORT_PATH = "raylm.serve.app:build_app"
 
 
-def resolve_model_dir(cfg: Config, model_dir: str | os.PathLike | None) -> Path:
-    path = Path(model_dir).expanduser() if model_dir else cfg.path("model")
+def resolve_model_dir(cfg: Config, model_dir: str | os.PathLike | None) -> str:
+    """The model replicas load: a local path, or a URI they each download (verified) into their node's cache."""
+    ref = str(model_dir) if model_dir else cfg.uri("model")
+    try:
+        path = storage.materialize(ref)  # this node's copy, to check it and read its task
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError("--model" if model_dir else "output_dir", f"no usable model at {ref}: {e}") from None
     if not (path / "config.json").is_file():
         raise ConfigError("--model" if model_dir else "output_dir",
                           f"no Hugging Face model at {path} (config.json missing): run `raylm train` first or pass --model")
-    return path
+    return ref if storage.is_uri(ref) else str(path)
 
 
 def app_args(cfg: Config, model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -34,7 +39,7 @@ def app_args(cfg: Config, model_dir: str | os.PathLike) -> dict[str, Any]:
 
 def serve_config(cfg: Config, model_dir: str | os.PathLike | None = None) -> str:
     """Ray Serve config YAML for this model (`applications:`), for `serve deploy` or a RayService serveConfigV2."""
-    model = str(model_dir) if model_dir else str(cfg.path("model"))
+    model = str(model_dir) if model_dir else cfg.uri("model")
     app = {"name": cfg.name, "route_prefix": cfg.serve.route_prefix, "import_path": IMPORT_PATH,
            "args": app_args(cfg, model)}
     return yaml.safe_dump({"applications": [app]}, sort_keys=False)
@@ -63,7 +68,7 @@ def serve(cfg: Config, model_dir: str | os.PathLike | None = None, blocking: boo
     from raylm.serve.app import build_app
     from raylm.serve.model import model_task
 
-    path = resolve_model_dir(cfg, model_dir).resolve()
+    path = resolve_model_dir(cfg, model_dir)
     args = app_args(cfg, path)
     if cfg.serve.api_key_env:
         key = os.environ.get(cfg.serve.api_key_env)
@@ -75,7 +80,7 @@ def serve(cfg: Config, model_dir: str | os.PathLike | None = None, blocking: boo
     started = time.perf_counter()
     ray_serve.run(build_app(args), name=cfg.name, route_prefix=cfg.serve.route_prefix, blocking=False)
     url = base_url(cfg)
-    task = model_task(path, cfg.model.task)
+    task = model_task(storage.materialize(path), cfg.model.task)
     print(f"serving {cfg.name} ({task}) at {url} (ready in {time.perf_counter() - started:.1f}s)\n"
           f"  try: {curl_line(cfg, task)}", flush=True)
     if blocking:

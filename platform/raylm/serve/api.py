@@ -159,6 +159,9 @@ class Ingress:
                  api_key_env: str | None = None):
         import os
 
+        from raylm.storage import materialize
+
+        model_dir = str(materialize(model_dir))  # a URI: this replica's local copy, verified against the store
         self.model = model
         self.name = name
         self.task = model_task(model_dir, task)

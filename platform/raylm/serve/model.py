@@ -84,6 +84,9 @@ class ModelServer:
         import torch
         import transformers
 
+        from raylm.storage import materialize
+
+        model_dir = str(materialize(model_dir))  # a URI: this replica's local copy, verified against the store
         if num_threads:
             torch.set_num_threads(num_threads)
         self.task = model_task(model_dir, task)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from raylm import storage
 from raylm.config import Config
 from raylm.train.export import checkpoint_state, export_checkpoint, training_summary
 from raylm.train.loop import FAULT_ENV, train_loop_per_worker
@@ -24,8 +25,8 @@ def check_inputs(cfg: Config) -> dict:
     """Fail fast, before any Ray work, on missing shards and data/model mismatches; returns the manifest."""
     manifest = read_manifest(cfg)
     for split in ("train", "val"):
-        d = cfg.path("data", split)
-        if not d.is_dir() or not any(d.glob("*.parquet")):
+        d = cfg.uri("data", split)
+        if not storage.list_files(d, ".parquet"):
             raise FileNotFoundError(f"no Parquet shards in {d}: run `raylm prepare -c <config>` first")
     model_config(cfg, manifest)  # raises ConfigError on vocab / task / block size mismatches
     return manifest
@@ -41,10 +42,13 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
 
     manifest = manifest or check_inputs(cfg)
     t = cfg.train
-    datasets = {split: ray.data.read_parquet(str(cfg.path("data", split).resolve())) for split in ("train", "val")}
+    # shards and checkpoints live where output_dir points (local or an object store): Ray reads and writes them there
+    datasets = {split: ray.data.read_parquet(path, filesystem=fs)
+                for split in ("train", "val") for fs, path in [storage.resolve(cfg.uri("data", split))]}
+    storage_fs, storage_dir = storage.resolve(str(storage_path or cfg.uri("train")))
     run_config = RunConfig(
         name=name or f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=str(Path(storage_path or cfg.path("train")).expanduser().resolve()),
+        storage_path=storage_dir, storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
                                            checkpoint_score_order="min"),
         failure_config=FailureConfig(max_failures=t.max_failures),
@@ -90,6 +94,7 @@ def export_result(cfg: Config, result, model_dir: str | Path | None = None, mani
     return summary
 
 
+@storage.stage_io("train")  # remote output_dir: model/ is exported to the mirror, then uploaded
 def train(cfg: Config) -> dict:
     manifest = check_inputs(cfg)
     start = time.time()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from raylm.checkpoints import resumable, weights_only_loads, write_manifest
 from raylm.config import Config
-from raylm.train.models import build_model
+from raylm.train.models import build_model, tokenizer_dir
 
 CKPT_TAG = "ds"  # the DeepSpeed tag inside every checkpoint directory
 STATE_FILE = "raylm_state.json"  # written last by rank 0: a checkpoint without it is incomplete
@@ -94,7 +94,7 @@ class Masker:
     def __init__(self, cfg: Config, manifest: dict, seed: int):
         from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
-        tok = AutoTokenizer.from_pretrained(str(cfg.path("data", "tokenizer")))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)))  # pulled on this node when remote
         self.collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
         self.collator.generator = torch.Generator().manual_seed(seed)
         self.special = torch.tensor(sorted(set(tok.all_special_ids)))

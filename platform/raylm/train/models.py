@@ -184,4 +184,9 @@ def unwrap_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def tokenizer_dir(cfg: Config) -> Path:
+    """The prepared tokenizer on this node (for a remote output_dir, pulled into this node's mirror first)."""
+    from raylm import storage
+
+    if storage.is_uri(cfg.output_dir):
+        return storage.pull(cfg.output_dir, "data", skip=storage.SHARDS) / "tokenizer"
     return cfg.path("data", "tokenizer")
