@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench install clean
+.PHONY: quickstart test bench bench-corpus install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,24 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -v --durations=0 tests
 
+# side-by-side benchmarks (never part of `make test`): each prints `<name>: ratio <B/A> (target <T>) <PASS|MISS> ...`
+# and writes bench/results/<name>.json. BENCH_ARGS passes flags to one benchmark (e.g. a cut train-cpu matrix);
+# HEAVY prefixes each command (on a shared machine: HEAVY=/tmp/heavy, a machine-wide semaphore).
+BENCHES := train-cpu tokenize dedup prepare-scaling serve serve-batching train-gpu
+HEAVY ?=
+BENCH_ARGS ?=
+
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	@fail=0; for b in $(BENCHES); do $(MAKE) --no-print-directory bench-$$b || fail=1; done; \
+	echo "--- bench summary"; for b in $(BENCHES); do \
+	  $(BIN)/python -c "import json,sys; print(json.load(open(sys.argv[1]))['line'])" bench/results/$$b.json 2>/dev/null \
+	  || echo "$$b: no result"; done; exit $$fail
+
+bench-corpus: $(STAMP)
+	$(BIN)/python bench/corpus.py
+
+bench-%: $(STAMP)
+	$(HEAVY) $(BIN)/python bench/bench_$(subst -,_,$*).py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

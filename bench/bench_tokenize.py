@@ -1,0 +1,131 @@
+"""tokenize: prepare's tokenize+pack stage on Ray Data vs bare `tokenizers` `encode_batch`, same texts, same threads.
+
+    python bench/bench_tokenize.py             # the whole corpus (>= 200 MB of text, bench/corpus.py)
+    python bench/bench_tokenize.py --mb 20     # a slice, for development
+
+A: the driver calls the Rust tokenizer's `encode_batch` on the texts (RAYON_NUM_THREADS = the core count).
+B: raylm's own stage functions (`raylm.data.pack.tokenize_lm` in `map_batches`, `pack_group` per pack group, as
+`raylm prepare` runs them) on a dataset already in Ray's object store; Ray start-up and the put are reported apart.
+Same tokenizer (a byte-level BPE 8k trained once by raylm's `train_tokenizer` on a corpus sample, cached).
+Correctness first: B's ids per document equal A's (on a sample), and B's packed tokens add up to A's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", str(os.cpu_count() or 1))  # before tokenizers starts its pool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus  # noqa: E402
+from common import CACHE, Result, finish, interleave, private_ray, ratios, spread  # noqa: E402
+
+BLOCK, GROUPS, SAMPLE = 256, 4, 300
+TARGET = 0.9
+
+
+def bench_tokenizer():
+    """raylm's BPE 8k (data.tokenizer.train defaults) trained once on the corpus' first 20 MB, cached."""
+    from transformers import AutoTokenizer
+
+    out = CACHE / "tokenizer-bpe8k"
+    if not (out / "tokenizer.json").exists():
+        from raylm.config import TokenizerTrain
+        from raylm.data.tokenizer import train_tokenizer
+
+        tok = train_tokenizer(corpus.docs(20)["text"].to_pylist(), TokenizerTrain(), "causal_lm")
+        tok.save_pretrained(str(out))
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def with_pack_groups(table):
+    """prepare's layout: contiguous runs of documents in doc_id order, one per output shard."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    order = sorted(range(n), key=lambda i: table["doc_id"][i].as_py())
+    group = [0] * n
+    for rank, i in enumerate(order):
+        group[i] = rank * GROUPS // n
+    return table.append_column("pack_group", pa.array(group, pa.int64()))
+
+
+def raylm_stage(ds, tok):
+    """prepare's tokenize + pack, called the way `raylm prepare` calls them (thin: two public functions)."""
+    from raylm.data.pack import pack_group, tokenize_lm
+
+    ids = ds.map_batches(tokenize_lm, batch_format="pyarrow", batch_size=64,
+                         fn_kwargs={"tokenizer": tok, "task": "causal_lm"})
+    return ids, ids.groupby("pack_group", num_partitions=GROUPS).map_groups(
+        pack_group, fn_kwargs={"block_size": BLOCK}, batch_format="pyarrow")
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=None, help="first MB of the corpus (default: all of it)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1024, help="texts per encode_batch call in the baseline")
+    args = ap.parse_args()
+
+    res = Result("tokenize", f">={TARGET}", None, None, "", "")
+    table = with_pack_groups(corpus.docs(args.mb))
+    texts = table["text"].to_pylist()
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    tok = bench_tokenizer()
+    backend, eos = tok.backend_tokenizer, tok.eos_token_id
+
+    def plain() -> dict:
+        t0 = time.perf_counter()
+        n = 0
+        for i in range(0, len(texts), args.batch):
+            n += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + args.batch], add_special_tokens=False))
+        return {"s": time.perf_counter() - t0, "tokens": n}
+
+    import ray
+
+    t0 = time.perf_counter()
+    private_ray()
+    ray_init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ds = ray.data.from_arrow(table).repartition(max(8, len(texts) // 2000)).materialize()
+    put_s = time.perf_counter() - t0
+
+    def raylm() -> dict:
+        t0 = time.perf_counter()
+        _, packed = raylm_stage(ds, tok)
+        packed = packed.materialize()
+        return {"s": time.perf_counter() - t0, "blocks": packed.count()}
+
+    # -- correctness: same ids per document on a sample, and the packed total adds up
+    ids, _ = raylm_stage(ray.data.from_arrow(table.slice(0, SAMPLE)), tok)
+    got = {r["doc_id"]: list(r["ids"]) for r in ids.take_all()}
+    want = [e.ids + [eos] for e in backend.encode_batch(texts[:SAMPLE], add_special_tokens=False)]
+    same_ids = all(got[d] == w for d, w in zip(table["doc_id"][:SAMPLE].to_pylist(), want))
+
+    runs = interleave({"A": plain, "B": raylm}, args.rounds)
+    tokens = runs["A"][0]["tokens"]
+    a_tps = [tokens / r["s"] for r in runs["A"]]
+    b_tps = [tokens / r["s"] for r in runs["B"]]
+    blocks = runs["B"][0]["blocks"]
+    packed_ok = 0 <= tokens + len(texts) - blocks * BLOCK < GROUPS * BLOCK  # each group drops < one block
+    rat = ratios(a_tps, b_tps)
+    med = spread(rat)["median"]
+    res.ratio, res.passed = med, same_ids and packed_ok and med >= TARGET
+    res.a = f"{spread(a_tps)['median'] / 1e3:,.0f}Ktok/s"
+    res.b = f"{spread(b_tps)['median'] / 1e3:,.0f}Ktok/s"
+    res.details = {"corpus_mb": mb, "documents": len(texts), "tokens": tokens, "blocks": blocks,
+                   "same_ids_on_sample": same_ids, "packed_total_consistent": packed_ok,
+                   "ray_init_s": ray_init_s, "put_s": put_s, "A_tok_s": spread(a_tps), "B_tok_s": spread(b_tps),
+                   "ratio": spread(rat), "per_round_ratio": rat, "runs": runs, "rayon_threads": os.environ["RAYON_NUM_THREADS"]}
+    finish(res, [f"tokenize: {mb:.0f} MB, {len(texts):,} docs, {tokens / 1e6:.1f} M tokens; same ids {same_ids}, "
+                 f"packed total consistent {packed_ok}; spread ±{spread(rat)['spread_pct']:.0f}%; start-up: "
+                 f"ray.init {ray_init_s:.1f}s, put {put_s:.1f}s"])
+
+
+if __name__ == "__main__":
+    main()
