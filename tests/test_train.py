@@ -94,7 +94,8 @@ def test_zero3_early_stopping_exports_best_checkpoint(ray_session, tmp_path):
     weights are the step-10 checkpoint's (full shapes, consolidated from ZeRO-3 partitions)."""
     from raylm.train import train
 
-    root = build_lm_workspace(tmp_path)
+    # one val batch for two workers: rank 1 scores nothing, yet joins every ZeRO-3 gather (probe forward included)
+    root = build_lm_workspace(tmp_path, rows={"train": 256, "val": 8, "test": 24})
     cfg = lm_cfg(root, "train.deepspeed.zero_stage=3", "train.early_stopping={patience: 1, min_delta: 100.0}")
     summary = train(cfg)
     assert summary["steps"] == 20 and summary["early_stopped"]
@@ -114,10 +115,14 @@ def test_minilm_classification_zero1_freeze(ray_session, tmp_path, minilm_path):
     root = build_cls_workspace(tmp_path, minilm_path, train_steps=0)
     cfg = load_config(None, [
         f"output_dir={root}", f"model.pretrained={minilm_path}", "model.task=classification",
+        f"data.tokenizer={{pretrained: {minilm_path}}}",
         f"data.block_size={CLS_BLOCK}", "model.freeze={embeddings: true, layers: 2}", "train.num_workers=2",
         "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2", "train.max_steps=24", "train.eval_every=12",
-        "train.checkpoint_every=12", "train.deepspeed.zero_stage=1", "train.early_stopping=null"])
+        "train.checkpoint_every=12", "train.deepspeed.zero_stage=1", "train.early_stopping=null",
+        "train.metric=val_accuracy", "train.mode=max"])
     summary = train(cfg)
+    # the exported checkpoint is the evaluation with the best val_accuracy (train.metric), not the lowest val_loss
+    assert summary["val"]["val_accuracy"] == max(e["val_accuracy"] for e in summary["evals"])
     val_labels = pq.read_table(root / "data" / "val").column("label").to_pylist()
     majority = max(val_labels.count(y) for y in set(val_labels)) / len(val_labels)
     accuracy = summary["val"]["val_accuracy"]
@@ -161,7 +166,7 @@ def test_minilm_masked_lm_lora_merged_on_export(ray_session, tmp_path, minilm_pa
     root = build_mlm_workspace(tmp_path, minilm_path)
     cfg = load_config(None, [
         f"output_dir={root}", f"model.pretrained={minilm_path}", "model.task=masked_lm",
-        f"data.block_size={CLS_BLOCK}", "model.lora={r: 4, alpha: 8}", "train.num_workers=2", "train.batch_size=8",
+        f"data.tokenizer={{pretrained: {minilm_path}}}", f"data.block_size={CLS_BLOCK}", "model.lora={r: 4, alpha: 8}", "train.num_workers=2", "train.batch_size=8",
         "train.lr=5e-3", "train.warmup_steps=0", "train.max_steps=10", "train.eval_every=5",
         "train.checkpoint_every=5", "train.early_stopping=null"])
     summary = train(cfg)
@@ -201,6 +206,150 @@ def test_bad_inputs_fail_fast_with_one_line(ray_session, tmp_path, capsys):
     data = json.loads((root / "data" / "manifest.json").read_text())
     data["vocab_size"] = 50000
     (root / "data" / "manifest.json").write_text(json.dumps(data))
-    assert run_stage("train", lm_cfg(root, f"model.pretrained={root / 'model'}")) == 2
+    assert run_stage("train", lm_cfg(root, f"model.pretrained={root / 'model'}",
+                                     f"data.tokenizer={{pretrained: {root / 'model'}}}")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.pretrained" in err and "vocab_size" in err
+
+
+# ------------------------------------------------------------------------------ issue 12: defects, each its test
+def tiny_qwen2(path: Path, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Qwen2 (a family outside gpt2/llama/bert) saved with the workspace's tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.timeout(900)
+def test_qwen2_freeze_and_checkpoint_every_between_evaluations(ray_session, tmp_path):
+    """Fine-tunes a family outside gpt2/llama/bert with `freeze.layers: 1` (found from the model's own layer list):
+    the frozen layer is byte-equal after training, the other changed. checkpoint_every 4 with eval_every 10 gives
+    checkpoints at steps 4 and 8 too (each with its own evaluation), not only at evaluation steps."""
+    from raylm.train import train
+
+    root = build_lm_workspace(tmp_path / "ws")
+    base = tiny_qwen2(tmp_path / "qwen2", root / "data" / "tokenizer")
+    cfg = lm_cfg(root, f"model.pretrained={base}", f"data.tokenizer={{pretrained: {base}}}",
+                 "model.freeze={layers: 1}", "train.max_steps=12", "train.eval_every=10", "train.checkpoint_every=4",
+                 "train.keep_checkpoints=5", "train.early_stopping=null", "train.eval_batches=1")
+    summary = train(cfg)
+    assert [e["step"] for e in summary["evals"]] == [4, 8, 10, 12]
+    ckpt_steps = {json.loads(p.read_text())["step"] for p in Path(summary["results_path"]).glob("checkpoint_*/raylm_state.json")}
+    assert {4, 8, 12} <= ckpt_steps, ckpt_steps
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(cfg.path("model", "model.safetensors")))
+    layer0 = [k for k in before if k.startswith("model.layers.0.")]
+    assert layer0 and all(torch.equal(before[k], after[k]) for k in layer0)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers.1."))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("problem, overrides, key, hint", [
+    ("train split smaller than batch_size x workers", ["train.batch_size=8"], "train.batch_size",
+     "train.batch_size <= 5"),
+    ("empty val split", [], "data.split.val", "raise data.split.val"),
+    ("pretrained model + freshly trained tokenizer", ["model.pretrained={root}/model"], "data.tokenizer",
+     "data.tokenizer: {pretrained:"),
+    ("metric the task does not report", ["train.metric=val_accuracy", "train.mode=max"], "train.metric",
+     "val_loss, val_ppl"),
+])
+def test_configs_that_cannot_train_exit_2_before_ray(tmp_path, capsys, problem, overrides, key, hint):
+    """Exit 2 naming the key and what would work, before Ray: the address given leads nowhere, so reaching Ray
+    would fail differently (exit 1)."""
+    from raylm.cli import main
+
+    rows = {"train": 10, "val": 16, "test": 8} if "smaller" in problem else \
+        {"train": 64, "val": 0, "test": 8} if "empty val" in problem else None
+    root = build_lm_workspace(tmp_path, rows=rows) if rows is None or rows["val"] else _lm_workspace_without_val(tmp_path, rows)
+    sets = [f"output_dir={root}", *LM_SETTINGS, *(o.format(root=root) for o in overrides)]
+    args = ["train", "-c", str(_empty_config(tmp_path)), "--address", "127.0.0.1:9"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"config error: {key}:" in err and hint in err, err
+
+
+def _empty_config(tmp_path: Path) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: bad\n")
+    return path
+
+
+def _lm_workspace_without_val(tmp_path: Path, rows: dict) -> Path:
+    """A prepared workspace whose val split came out empty (a split fraction too small for the corpus)."""
+    root = build_lm_workspace(tmp_path, rows={k: v for k, v in rows.items() if v})
+    data = json.loads((root / "data" / "manifest.json").read_text())
+    data["splits"]["val"] = {"documents": 0, "tokens": 0, "rows": 0, "shards": 0}
+    (root / "data" / "manifest.json").write_text(json.dumps(data))
+    return root
+
+
+def test_freeze_finds_embeddings_and_layers_in_any_family():
+    """No table of three families: roberta, distilbert and qwen2 freeze through their own structure."""
+    import transformers
+
+    from raylm.train.models import frozen_modules
+
+    cfg = load_config(None, ["model.freeze={embeddings: true, layers: 1}"])
+    families = {
+        "roberta": (transformers.RobertaForMaskedLM, transformers.RobertaConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)),
+        "distilbert": (transformers.DistilBertForMaskedLM, transformers.DistilBertConfig(
+            vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32)),
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=32, tie_word_embeddings=False)),
+    }
+    for name, (cls, config) in families.items():
+        model = cls(config)
+        for module in frozen_modules(model, cfg):
+            module.requires_grad_(False)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert model.get_input_embeddings().weight.requires_grad is False, name
+        assert any(".0." in n for n in frozen) and not any(".1." in n for n in frozen), (name, sorted(frozen))
+    with pytest.raises(Exception, match="model.freeze.layers"):
+        frozen_modules(cls(config), load_config(None, ["model.freeze={layers: 3}"]))
+
+
+def test_checkpoint_choice_follows_train_metric():
+    """Ranked by train.metric in train.mode: the best val_accuracy wins even when another has the lowest val_loss."""
+    from types import SimpleNamespace
+
+    from raylm.train import best_checkpoint
+
+    kept = [("ckpt-10", {"step": 10, "val_loss": 0.40, "val_accuracy": 0.70}),
+            ("ckpt-20", {"step": 20, "val_loss": 0.55, "val_accuracy": 0.85}),
+            ("ckpt-30", {"step": 30, "val_loss": 0.50, "val_accuracy": 0.80})]
+    result = SimpleNamespace(best_checkpoints=kept, path="results")
+    assert best_checkpoint(result, "val_accuracy", "max")[0] == "ckpt-20"
+    assert best_checkpoint(result, "val_loss", "min")[0] == "ckpt-10"
+    assert best_checkpoint(result, "val_accuracy", "max", best_step=30)[0] == "ckpt-30"  # early stopping's best
+    # tune ranks trials by the same metric: given in either section, the other follows; a conflict is an error
+    cfg = load_config(None, ["model.task=classification", "model.arch.family=bert",
+                             "tune={metric: val_accuracy, mode: max, space: {train.lr: {choice: [0.001]}}}"])
+    assert (cfg.train.metric, cfg.train.mode) == ("val_accuracy", "max")
+    with pytest.raises(Exception, match="tune.metric"):
+        load_config(None, ["train.metric=val_ppl", "tune={metric: val_loss, space: {train.lr: {choice: [0.001]}}}"])
+
+
+def test_tensor_parallel_group_sees_identical_batches():
+    """tensor_parallel 2 on 4 workers: ranks 0-1 and 2-3 form tensor-parallel groups; each group gets the same
+    rows, the two data-parallel ranks disjoint ones, and steps count data-parallel ranks, not workers."""
+    from raylm.train.loop import data_parallel_size, data_parallel_slice, total_steps
+
+    cfg = load_config(None, ["train.use_gpu=true", "train.num_workers=4", "train.deepspeed.tensor_parallel=2",
+                             "train.batch_size=2", "train.max_steps=null", "train.epochs=1"])
+    dp_size = data_parallel_size(cfg, 4)
+    global_batch = {"input_ids": torch.arange(8).reshape(4, 2)}  # what every rank reads: batch_size x dp_size rows
+    seen = {rank: data_parallel_slice(global_batch, rank // 2, dp_size)["input_ids"] for rank in range(4)}
+    assert dp_size == 2 and torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])
+    assert not set(seen[0].flatten().tolist()) & set(seen[2].flatten().tolist())
+    assert len(seen[0]) == cfg.train.batch_size
+    assert total_steps(cfg, {"splits": {"train": {"rows": 40}}}, world_size=4) == 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,17 +67,57 @@ def completed_trials(exp_root: Path) -> dict[str, str]:
     return done
 
 
-@pytest.mark.timeout(1200)
-def test_asha_search_resumes_after_interrupt_and_exports_the_best_trial(tmp_path, ray_session):
+class PlacementGroupWatch:
+    """Polls the cluster's placement group table while a search runs: the most groups reserved at once."""
+
+    def __init__(self, ray):
+        import threading
+
+        self.ray, self.most, self.stop = ray, 0, threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def live(self) -> int:
+        return sum(pg["state"] in ("CREATED", "PREPARED") for pg in self.ray.util.placement_group_table().values())
+
+    def poll(self) -> None:
+        while not self.stop.wait(0.5):
+            self.most = max(self.most, self.live())
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        return self.most
+
+
+@pytest.mark.timeout(1500)
+def test_two_searches_in_a_row_release_trials_and_an_interrupted_one_resumes(tmp_path, ray_session):
+    """Search 1 runs to the end; search 2 is interrupted (SIGINT: exit 130, nothing exported) and then resumed.
+    While either runs, at most max_concurrent (2) trials hold placement groups: a trial ASHA stops mid-run has its
+    group released before more trials start (no leak to wait on, the hang this guards against)."""
     from tiny_data import build_lm_workspace
+
+    (tmp_path / "first").mkdir()
+    build_lm_workspace(tmp_path / "first")
+    first_cfg = tmp_path / "first" / "tune.yaml"
+    first_cfg.write_text(TINY_TUNE.format(out=tmp_path / "first").replace("seed: 3", "seed: 5"))
+    # the CLI joins the session's cluster (no second cluster start)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    watch = PlacementGroupWatch(ray_session)
+    full = subprocess.run([sys.executable, "-m", "raylm", "tune", "-c", str(first_cfg)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    most = watch.close()
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert len(json.loads((tmp_path / "first" / "tune" / "best.json").read_text())["trials"]) == 4
+    assert 1 <= most <= 2, most
 
     build_lm_workspace(tmp_path)
     cfg = tmp_path / "tune.yaml"
     cfg.write_text(TINY_TUNE.format(out=tmp_path))
     # the CLI joins the session's cluster (no second cluster start); SIGINT as a user's Ctrl+C
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "raylm", "tune", "-c", str(cfg)]
     log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would block the driver
+    watch = PlacementGroupWatch(ray_session)
     first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     while not completed_trials(tmp_path / "tune") and first.poll() is None and time.time() < deadline:
@@ -86,12 +127,12 @@ def test_asha_search_resumes_after_interrupt_and_exports_the_best_trial(tmp_path
     first.send_signal(signal.SIGINT)
     first.wait(timeout=180)
     err = (tmp_path / "first.log").read_text()
-    if first.returncode == 0:
-        pytest.skip("the whole search finished before the interrupt landed")
-    assert first.returncode == 130 and "interrupted" in err, err[-2000:]
-    assert not (tmp_path / "tune" / "best.json").exists()
+    assert first.returncode == 130, err[-2000:]
+    assert re.search(r"interrupted after \d of 4 trials; rerun the same command to resume", err), err[-2000:]
+    assert not (tmp_path / "tune" / "best.json").exists() and not (tmp_path / "model" / "training_summary.json").exists()
 
     second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert watch.close() <= 2
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming the experiment" in second.stderr
     # trials that had completed were not rerun: their results are untouched, and there are still 4 trials
@@ -121,3 +162,17 @@ def test_asha_search_resumes_after_interrupt_and_exports_the_best_trial(tmp_path
     assert out.returncode == 0 and "torch.Size([1," in out.stdout, out.stderr[-2000:]
     summary = json.loads((tmp_path / "model" / "training_summary.json").read_text())
     assert summary["val"]["val_loss"] == pytest.approx(best["best_trial"]["metric"])
+
+
+@pytest.mark.parametrize("steps, eval_every, checkpoint_every, expected", [
+    (30, 20, 20, 2),   # evaluations at 20 and 30 (the last step): ASHA's max_t 2, not 30 // 20 = 1
+    (40, 10, 10, 4),
+    (30, 20, 25, 3),   # a checkpoint step reports (with its own evaluation) too: 20, 25, 30
+])
+def test_asha_max_t_counts_every_evaluation(tmp_path, steps, eval_every, checkpoint_every, expected):
+    from raylm.config import load_config
+    from raylm.tune import evaluations_per_run
+
+    cfg = load_config(None, [f"train.max_steps={steps}", f"train.eval_every={eval_every}",
+                             f"train.checkpoint_every={checkpoint_every}"])
+    assert evaluations_per_run(cfg) == expected

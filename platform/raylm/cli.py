@@ -131,6 +131,8 @@ def run_stage(verb: str, cfg: Config, address: str | None = None, **kwargs) -> i
     from raylm.runtime import ensure_ray
 
     try:
+        # a stage's `preflight(cfg)` checks config against data/ before any Ray work (exit 2 on a ConfigError)
+        getattr(importlib.import_module(module), "preflight", lambda cfg: None)(cfg)
         ensure_ray(address)
         stage(cfg, **kwargs)
     except ImportError as e:  # a lazy import inside the stage, e.g. on a worker's or the job's python

@@ -53,24 +53,39 @@ def score_causal_lm(model, batch: dict[str, np.ndarray], ctx: dict) -> dict[str,
     }
 
 
-def mask_row(ids: np.ndarray, seed: int, mask_id: int, special: np.ndarray) -> np.ndarray:
-    """Positions to mask in one row: seeded by the row's content, so the same row is masked the same way
-    whatever the batching or the order the actors see rows in."""
-    rng = np.random.default_rng([seed, zlib.crc32(ids.astype(np.int32).tobytes())])
-    candidates = ~np.isin(ids, special)
+def masking_context(manifest: dict, seed: int) -> dict[str, Any]:
+    """What `mask_row` needs from data/manifest.json: the [MASK] id, the ids never masked, the vocab size."""
+    special = manifest.get("special_tokens") or {}
+    if special.get("mask_token_id") is None:
+        raise ConfigError("model.task", "masked_lm evaluation needs a [MASK] token in the tokenizer")
+    return {"seed": seed, "mask_token_id": special["mask_token_id"], "vocab_size": manifest["vocab_size"],
+            "special_ids": np.array([v for v in special.values() if v is not None and v != special["mask_token_id"]])}
+
+
+def mask_row(ids: np.ndarray, ctx: dict) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masking of one row for validation and test (training's collator applies the same rule): 15% of
+    non-special tokens chosen (at least one); of those 80% become [MASK], 10% a random token, 10% stay. Seeded by
+    the row's content, so a row is masked the same way whatever the batching or order. Returns (inputs, chosen)."""
+    rng = np.random.default_rng([ctx["seed"], zlib.crc32(ids.astype(np.int32).tobytes())])
+    candidates = ~np.isin(ids, ctx["special_ids"])
     chosen = (rng.random(len(ids)) < MASK_FRACTION) & candidates
     if not chosen.any() and candidates.any():
         chosen[rng.choice(np.flatnonzero(candidates))] = True
-    return chosen
+    action = rng.random(len(ids))
+    masked = ids.copy()
+    masked[chosen & (action < 0.8)] = ctx["mask_token_id"]
+    randomized = chosen & (action >= 0.8) & (action < 0.9)
+    masked[randomized] = rng.integers(0, ctx["vocab_size"], int(randomized.sum()))
+    return masked, chosen
 
 
 def score_masked_lm(model, batch: dict[str, np.ndarray], ctx: dict) -> dict[str, np.ndarray]:
-    """Loss sum, masked-token count and correct predictions per row, with fixed-seed [MASK] replacement."""
+    """Loss sum, masked-token count and correct predictions per row, with the seeded 80/10/10 masking."""
     import torch
 
     ids = np.stack(batch["input_ids"]).astype(np.int64)
-    chosen = np.stack([mask_row(row, ctx["seed"], ctx["mask_token_id"], ctx["special_ids"]) for row in ids])
-    masked = np.where(chosen, ctx["mask_token_id"], ids)
+    rows = [mask_row(row, ctx) for row in ids]
+    masked, chosen = np.stack([m for m, _ in rows]), np.stack([c for _, c in rows])
     attention = np.stack(batch["attention_mask"]) if "attention_mask" in batch else (ids != ctx["pad_id"])
     logits = model(input_ids=torch.as_tensor(masked, device=ctx["device"]),
                    attention_mask=torch.as_tensor(attention.astype(np.int64), device=ctx["device"])).logits.float()
@@ -220,6 +235,73 @@ def first_rows(split_dir: str | Path, n: int, columns: list[str]) -> dict[str, l
     return rows
 
 
+# ----------------------------------------------------------------------------------- n-gram baselines
+BIGRAM_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # interpolation weights tried on the val split
+
+
+def split_rows(split_dir: str | Path):
+    """The `input_ids` rows of one split, shard by shard (each an int64 matrix of packed blocks)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = resolve_storage(split_dir)
+    for shard in list_files(split_dir, ".parquet"):
+        column = pq.read_table(shard, columns=["input_ids"], filesystem=fs).column("input_ids").to_pylist()
+        if column:
+            yield np.asarray(column, dtype=np.int64)
+
+
+def ngram_counts(split_dir: str | Path, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unigram counts (length vocab) and the distinct bigram codes (prev * vocab + next, sorted) with their counts,
+    over next-token positions inside rows, as the model is scored (bounded by vocab^2, not by the corpus)."""
+    unigram = np.zeros(vocab, dtype=np.int64)
+    codes, counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    for rows in split_rows(split_dir):
+        unigram += np.bincount(rows[:, 1:].ravel(), minlength=vocab)[:vocab]
+        c, n = np.unique((rows[:, :-1] * vocab + rows[:, 1:]).ravel(), return_counts=True)
+        merged, inverse = np.unique(np.concatenate([codes, c]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([counts, n]), minlength=len(merged)).astype(np.int64)
+        codes = merged
+    return unigram, codes, counts
+
+
+def ngram_log_probs(rows: np.ndarray, model: dict, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per next-token position: log P_unigram (add-one) and log P_bigram (Jelinek-Mercer: lam * c(a,b)/c(a) +
+    (1 - lam) * P_unigram(b); the unigram alone after a token never seen in context)."""
+    vocab, unigram, codes, counts, context = model["vocab"], model["unigram"], model["codes"], model["counts"], model["context"]
+    prev, nxt = rows[:, :-1].ravel(), rows[:, 1:].ravel()
+    p_uni = (unigram[nxt] + 1) / (unigram.sum() + vocab)
+    q = prev * vocab + nxt
+    idx = np.clip(np.searchsorted(codes, q), 0, max(len(codes) - 1, 0))
+    c_ab = np.where((len(codes) > 0) & (codes[idx] == q), counts[idx], 0) if len(codes) else np.zeros_like(q)
+    c_a = context[prev]
+    p_bi = np.where(c_a > 0, lam * c_ab / np.maximum(c_a, 1) + (1 - lam) * p_uni, p_uni)
+    return np.log(p_uni), np.log(p_bi)
+
+
+def ngram_baselines(cfg: Config, manifest: dict) -> dict[str, Any]:
+    """Unigram and bigram perplexities of the test tokens the model is scored on (counts from the train split;
+    the bigram's interpolation weight chosen on the val split): what "perplexity N" is to be compared with."""
+    vocab = int(manifest["vocab_size"])
+    unigram, codes, counts = ngram_counts(cfg.uri("data", "train"), vocab)
+    context = np.bincount(codes // vocab, weights=counts, minlength=vocab)[:vocab] if len(codes) else np.zeros(vocab)
+    model = {"vocab": vocab, "unigram": unigram, "codes": codes, "counts": counts, "context": context}
+
+    def mean_nll(split: str, lam: float) -> tuple[float, float, int]:
+        uni = bi = 0.0
+        n = 0
+        for rows in split_rows(cfg.uri("data", split)):
+            lu, lb = ngram_log_probs(rows, model, lam)
+            uni, bi, n = uni - lu.sum(), bi - lb.sum(), n + lu.size
+        return uni / max(n, 1), bi / max(n, 1), n
+
+    has_val = bool(list_files(cfg.uri("data", "val"), ".parquet"))
+    lam = min(BIGRAM_LAMBDAS, key=lambda x: mean_nll("val", x)[1]) if has_val else 0.5
+    uni, bi, n = mean_nll("test", lam)
+    return {"unigram_perplexity": math.exp(min(uni, 700.0)), "bigram_perplexity": math.exp(min(bi, 700.0)),
+            "bigram_lambda": lam, "tokens_scored": n,
+            "smoothing": "unigram add-one; bigram interpolated with it (weight chosen on val); counts from train"}
+
+
 # ---------------------------------------------------------------------------------------- the stage
 def scoring_context(cfg: Config, model_dir: Path, manifest: dict) -> dict[str, Any]:
     """What the scorers and aggregators need besides the rows: special ids, label names, the baseline."""
@@ -228,10 +310,7 @@ def scoring_context(cfg: Config, model_dir: Path, manifest: dict) -> dict[str, A
     ctx: dict[str, Any] = {"task": task, "seed": cfg.seed, "use_gpu": cfg.train.use_gpu,
                            "pad_id": special.get("pad_token_id")}
     if task == "masked_lm":
-        if special.get("mask_token_id") is None:
-            raise ConfigError("model.task", "masked_lm evaluation needs a [MASK] token in the tokenizer")
-        ctx["mask_token_id"] = special["mask_token_id"]
-        ctx["special_ids"] = np.array([v for v in special.values() if v is not None and v != special["mask_token_id"]])
+        ctx.update(masking_context(manifest, cfg.seed))
     if task == "classification":
         model_config = json.loads((model_dir / "config.json").read_text())
         id2label = {int(k): v for k, v in (model_config.get("id2label") or {}).items()}
@@ -313,6 +392,8 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     cols = score_test_split(cfg, model_ref, ctx)
     metrics: dict[str, Any] = {"task": task, "split": "test", "model_dir": model_ref,
                                "rows": int(len(next(iter(cols.values())))), **AGGREGATES[task](cols, ctx)}
+    if task == "causal_lm":  # the same test tokens under n-gram models of the train split
+        metrics["baselines"] = ngram_baselines(cfg, manifest)
     if completions_ref is not None:
         metrics["completions"] = ray.get(completions_ref)
     metrics["wall_time_s"] = round(time.time() - start, 2)

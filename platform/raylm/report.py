@@ -67,6 +67,11 @@ def test_metrics_section(ctx: dict) -> str:
         b = m["baseline"]
         out += ["", f"Majority-class baseline (always `{b['label']}`): accuracy {fmt(b['accuracy'])}, "
                     f"macro F1 {fmt(b['macro_f1'])}; the model: accuracy {fmt(m['accuracy'])}, macro F1 {fmt(m['macro_f1'])}."]
+    if "baselines" in m:  # language models: n-gram perplexities of the same test tokens
+        b = m["baselines"]
+        out += ["", f"Baselines on the same test tokens ({b['smoothing']}): unigram perplexity "
+                    f"{fmt(b['unigram_perplexity'])}, bigram perplexity {fmt(b['bigram_perplexity'])}; "
+                    f"the model: perplexity {fmt(m['perplexity'])}."]
     if "per_class" in m:
         rows = [[name, c["precision"], c["recall"], c["f1"], c["support"], m["auc_roc"].get(name, "n/a")]
                 for name, c in m["per_class"].items()]

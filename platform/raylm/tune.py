@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -60,15 +61,16 @@ def param_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
-def evaluations_per_run(cfg: Config) -> int:
-    """How many times a full training run reports (ASHA's max_t)."""
+def evaluations_per_run(cfg: Config, manifest: dict | None = None) -> int:
+    """How many times a full training run reports (ASHA's max_t): the loop's own count of its report steps
+    (every eval_every and checkpoint_every step and the last; 30 steps, eval every 20: 2, not 30 // 20)."""
+    from raylm.train.loop import count_report_steps, total_steps
+    from raylm.train.models import read_manifest
+
     t = cfg.train
-    steps = t.max_steps
-    if steps is None:
-        manifest = json.loads(cfg.path("data", "manifest.json").read_text())
-        rows = manifest["splits"]["train"]["rows"]
-        steps = math.ceil(t.epochs * rows / (t.batch_size * t.num_workers * t.grad_accum))
-    return max(1, steps // t.eval_every)
+    if t.max_steps is None and manifest is None:
+        manifest = read_manifest(cfg)
+    return count_report_steps(cfg, total_steps(cfg, manifest or {}, t.num_workers))
 
 
 def make_scheduler(cfg: Config):
@@ -129,10 +131,169 @@ def run_trial(values: dict[str, Any], base: dict) -> None:
         trial_dir = join_storage(base_cfg.uri("tune"), experiment_name(base_cfg), Path(trial_dir).name)
     # a fixed run name inside the trial dir: a restored trial's Train run resumes from its latest checkpoint
     trainer = make_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME,
-                           callbacks=[TuneReportCallback()])
+                           callbacks=[TuneReportCallback(), RecordTrainRun(tune.get_context().get_trial_id())])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+
+
+# ------------------------------------------------------------------ releasing a finished trial's resources
+# Why placement groups leaked: when a trial ends (ASHA stops it, or it reaches max_t while its TorchTrainer still
+# runs), Tune stops the trial's actor, and the Train controller that actor owns dies with it, mid-run, without
+# shutting down its worker group. A non-detached placement group is only removed by Ray once its creator actor AND
+# its job are dead: the job (this driver) lives on, so the group keeps its CPUs. Ray Train's backstop, a detached
+# PlacementGroupCleaner, asks the State API whether the controller lives; its client finds the dashboard by
+# address discovery, which raises "Found multiple active Ray instances" whenever another Ray cluster runs on the
+# host (a second user, a test cluster, `ray start`), killing the cleaner's monitor thread at its first check (and
+# with no dashboard it retries forever). Then nothing removes the group: the next trials wait for its CPUs forever.
+# So each trial's Train controller records its placement groups (RecordTrainRun), and the Tune driver removes them
+# once the trial's controller is dead per the GCS actor table (ReleaseFinishedTrials), before it schedules more work.
+KV_NAMESPACE = "raylm_tune"
+WAIT_REPORT_S = 120.0  # a running trial without a result for this long is reported with what it waits for
+
+
+def _kv_key(trial_id: str) -> bytes:
+    return f"trial-run:{trial_id}".encode()
+
+
+def _train_callback_bases() -> tuple[type, ...]:
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    return ControllerCallback, WorkerGroupCallback
+
+
+class RecordTrainRun(*_train_callback_bases()):
+    """Runs inside the trial's Train controller: records the controller's actor id and every placement group its
+    worker groups get, under the trial id in Ray's internal KV (cluster-wide, read by the Tune driver)."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+        self.record: dict = {"controller": None, "placement_groups": []}
+
+    def _put(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(_kv_key(self.trial_id), json.dumps(self.record).encode(), overwrite=True,
+                         namespace=KV_NAMESPACE)
+
+    def after_controller_start(self, train_run_context) -> None:
+        import ray
+
+        self.record["controller"] = ray.get_runtime_context().get_actor_id()
+        self._put()
+
+    def after_worker_group_start(self, worker_group) -> None:
+        pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        self.record["placement_groups"].append(pg.id.hex())
+        self._put()
+
+
+def trial_run_record(trial_id: str) -> dict | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(_kv_key(trial_id), namespace=KV_NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def actor_dead(actor_id: str | None) -> bool:
+    from ray._private.state import actors  # the GCS actor table directly (no dashboard / State API)
+
+    return actor_id is None or (actors(actor_id=actor_id) or {}).get("State", "DEAD") == "DEAD"
+
+
+def release_placement_groups(pg_ids: list[str]) -> list[str]:
+    """Removes those of `pg_ids` that still exist; returns the ids it removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    for pg_id in pg_ids:
+        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
+        if ray.util.placement_group_table(pg).get("state", "REMOVED") != "REMOVED":
+            remove_placement_group(pg)
+            removed.append(pg_id)
+    return removed
+
+
+def _tune_callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class ReleaseFinishedTrials(_tune_callback_base()):
+    """Tune driver side: once a finished or errored trial's Train controller is dead, removes the placement groups
+    it left; reports a running trial that has had no result for WAIT_REPORT_S with the resources it waits for."""
+
+    def __init__(self):
+        self.ended: dict[str, float] = {}  # trial id -> when it ended
+        self.warned: set[str] = set()
+        self.last_result: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.last_result[trial.trial_id] = time.monotonic()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.last_result[trial.trial_id] = time.monotonic()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.release()
+        self.report_waiting(trials)
+
+    def on_experiment_end(self, trials, **info):
+        deadline = time.monotonic() + 60
+        while self.ended and time.monotonic() < deadline:
+            self.release()
+            time.sleep(0.5)
+
+    def release(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        for trial_id in list(self.ended):
+            record = trial_run_record(trial_id)
+            if record is None:  # the trial never started a Train run (or it was released already)
+                self.ended.pop(trial_id)
+                continue
+            if not actor_dead(record["controller"]):
+                if time.monotonic() - self.ended[trial_id] > WAIT_REPORT_S and trial_id not in self.warned:
+                    self.warned.add(trial_id)
+                    log.warning("tune: trial %s ended %.0f s ago but its Train controller %s is still alive",
+                                trial_id, WAIT_REPORT_S, record["controller"])
+                continue
+            removed = release_placement_groups(record["placement_groups"])
+            if removed:
+                log.info("tune: released %d placement group(s) trial %s's Train run left behind: %s",
+                         len(removed), trial_id, removed)
+            _internal_kv_del(_kv_key(trial_id), namespace=KV_NAMESPACE)
+            self.ended.pop(trial_id)
+
+    def report_waiting(self, trials) -> None:
+        import ray
+
+        now = time.monotonic()
+        for trial in trials:
+            since = self.last_result.get(trial.trial_id)
+            if trial.status != "RUNNING" or since is None or now - since < WAIT_REPORT_S or trial.trial_id in self.warned:
+                continue
+            self.warned.add(trial.trial_id)
+            pending = [{"bundles": pg.get("bundles"), "strategy": pg.get("strategy")}
+                       for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
+            msg = (f"trial {trial.trial_id} has reported nothing for {now - since:.0f} s; placement groups waiting for "
+                   f"resources: {pending or 'none'}; free now: {ray.available_resources()} of {ray.cluster_resources()}")
+            log.warning("tune: %s", msg)
+            print(f"[raylm tune] {msg}", file=sys.stderr, flush=True)
+
+
+def trial_done(trial) -> bool:
+    """Ran to its end, was stopped by the scheduler (Tune marks both results `done`), or errored; a trial SIGINT
+    stopped is TERMINATED too, but its last result is not done."""
+    return trial.status == "ERROR" or (trial.status == "TERMINATED" and bool((trial.last_result or {}).get("done")))
 
 
 def expected_trials(cfg: Config) -> int:
@@ -166,7 +327,8 @@ def make_tuner(cfg: Config):
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg, concurrency),
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=fs, verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=fs, verbose=1,
+                                  callbacks=[ReleaseFinishedTrials()]),
     )
     return tuner, path
 
@@ -203,28 +365,39 @@ def trial_rows(cfg: Config, grid, max_t: int) -> list[dict]:
     return rows
 
 
-@stage_io("tune")  # remote output_dir: model/ is exported to the mirror, then uploaded
-def tune(cfg: Config) -> dict:
-    """Runs (or resumes) the search; writes tune/best.json and exports the best trial to model/."""
-    from ray.train import Result
-
-    from raylm.train import check_inputs, export_result
+def preflight(cfg: Config) -> None:
+    """Config and data checks before any Ray work (`raylm tune` runs it first, cli.run_stage)."""
+    from raylm.train import preflight as train_preflight
 
     if cfg.tune is None:
         raise ConfigError("tune", "this config has no tune section")
     if not cfg.tune.space:
         raise ConfigError("tune.space", "empty: give at least one dotted key to search")
+    train_preflight(cfg)
+
+
+@stage_io("tune")  # remote output_dir: model/ is exported to the mirror, then uploaded
+def tune(cfg: Config) -> dict:
+    """Runs (or resumes) the search; writes tune/best.json and exports the best trial to model/."""
+    from ray.train import Result
+
+    from raylm.train import export_result
+
+    from raylm.train import check_inputs
+
+    preflight(cfg)
     manifest = check_inputs(cfg)
     start = time.time()
     tuner, path = make_tuner(cfg)
     grid = tuner.fit()
     trials = grid._experiment_analysis.trials  # noqa: SLF001 - Trial objects carry the status
-    # SIGINT can leave trials TERMINATED, so a search short of its trial count also counts as interrupted
-    unfinished = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR") or not t.config]
-    unfinished += ["(not started)"] * max(0, expected_trials(cfg) - len(trials))
-    if unfinished:  # Tune returns early on SIGINT after saving its state: no best.json from a partial search
-        raise KeyboardInterrupt(f"tune stopped with {len(unfinished)} trials unfinished; rerun to resume ({path})")
-    max_t = evaluations_per_run(cfg)
+    expected = expected_trials(cfg)
+    done = sum(trial_done(t) for t in trials)
+    if done < expected:  # Tune returns normally on SIGINT after saving its state: no best.json, no export
+        print(f"[raylm tune] interrupted after {done} of {expected} trials; rerun the same command to resume "
+              f"({path})", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt(f"interrupted after {done} of {expected} trials")
+    max_t = evaluations_per_run(cfg, manifest)
     rows = trial_rows(cfg, grid, max_t)
     scored = [r for r in rows if r["metric"] is not None]
     if not scored:

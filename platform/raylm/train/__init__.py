@@ -3,7 +3,7 @@
 - `train(cfg)`: one run -> output_dir/train/ (Ray results, checkpoints) and output_dir/model/; returns the summary.
 - `make_trainer(cfg, storage_path=None, name=None, callbacks=None)`: the TorchTrainer alone (Tune builds one per
   trial with `callbacks=[TuneReportCallback()]`).
-- `export_result(cfg, result, model_dir=None)`: a Ray Train `Result` -> `model/` (its best checkpoint by val_loss).
+- `export_result(cfg, result, model_dir=None)`: a Ray Train `Result` -> `model/` (its best checkpoint by train.metric).
 - `loop.fit(...)`: the per-worker loop without Ray (world size 1 on a GPU, see bench/bench_train.py).
 """
 
@@ -13,23 +13,48 @@ import time
 from pathlib import Path
 
 from raylm import storage
-from raylm.config import Config
+from raylm.config import Config, ConfigError
 from raylm.train.export import checkpoint_state, export_checkpoint, training_summary
-from raylm.train.loop import FAULT_ENV, train_loop_per_worker
+from raylm.train.loop import FAULT_ENV, data_parallel_size, train_loop_per_worker
 from raylm.train.models import model_config, read_manifest
 
 __all__ = ["train", "make_trainer", "export_result", "check_inputs"]
 
 
+def check_split_sizes(cfg: Config, manifest: dict) -> None:
+    """A split too small to train on is a config error: every data-parallel worker needs one full batch
+    (drop_last), and validation needs rows (it picks the best checkpoint and stops early)."""
+    t = cfg.train
+    rows = {s: ((manifest.get("splits") or {}).get(s) or {}).get("rows", 0) for s in ("train", "val")}
+    if rows["val"] == 0:
+        raise ConfigError("data.split.val", f"the val split in data/ has no rows (data.split.val is {cfg.data.split.val:g}): "
+                                            "validation picks the best checkpoint and stops early, so it needs at least "
+                                            "one block; raise data.split.val or add documents, then rerun `raylm prepare`")
+    dp = data_parallel_size(cfg, t.num_workers)
+    if rows["train"] < t.batch_size * dp:
+        fits = f"train.batch_size <= {rows['train'] // dp}" if rows["train"] >= dp else f"train.num_workers <= {rows['train']}"
+        raise ConfigError("train.batch_size", f"{t.batch_size} per worker x {dp} data-parallel workers needs at least "
+                                              f"{t.batch_size * dp} train rows; data/ has {rows['train']}: use {fits}, "
+                                              "or raise data.split.train / add documents")
+
+
 def check_inputs(cfg: Config) -> dict:
     """Fail fast, before any Ray work, on missing shards and data/model mismatches; returns the manifest."""
     manifest = read_manifest(cfg)
+    check_split_sizes(cfg, manifest)
     for split in ("train", "val"):
         d = cfg.uri("data", split)
         if not storage.list_files(d, ".parquet"):
             raise FileNotFoundError(f"no Parquet shards in {d}: run `raylm prepare -c <config>` first")
     model_config(cfg, manifest)  # raises ConfigError on vocab / task / block size mismatches
     return manifest
+
+
+def preflight(cfg: Config) -> None:
+    """`raylm train` runs this before Ray starts (cli.run_stage): bad data/config exits 2 with no cluster started.
+    A remote output_dir is checked by the stage itself, once its inputs are pulled."""
+    if not storage.is_uri(cfg.output_dir):
+        check_inputs(cfg)
 
 
 def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str | None = None,
@@ -49,8 +74,8 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
     run_config = RunConfig(
         name=name or f"run-{time.strftime('%Y%m%d-%H%M%S')}",
         storage_path=storage_dir, storage_filesystem=storage_fs,
-        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
-                                           checkpoint_score_order="min"),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
+                                           checkpoint_score_order=t.mode),
         failure_config=FailureConfig(max_failures=t.max_failures),
         callbacks=callbacks,
     )
@@ -63,18 +88,32 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # val is read whole by each worker, then divided
+        dataset_config=data_config(cfg),
     )
 
 
-def best_checkpoint(result, best_step: int | None = None):
-    """The checkpoint of the best evaluation (early stopping's `best_step`, which honours min_delta), else the
-    lowest val_loss among those Ray kept; with its metrics."""
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if "val_loss" in m]
+def data_config(cfg: Config):
+    """Train rows are split per worker and val is read whole by each worker, then divided. With tensor_parallel > 1
+    the ranks of one tensor-parallel group must see identical batches: no split, every worker reads the train set
+    in the same order and keeps its data-parallel rank's rows (loop.data_parallel_slice)."""
+    from ray.train import DataConfig
+
+    if cfg.train.deepspeed.tensor_parallel == 1:
+        return DataConfig(datasets_to_split=["train"])
+    from ray.data import ExecutionOptions
+
+    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+
+
+def best_checkpoint(result, metric: str, mode: str, best_step: int | None = None):
+    """The checkpoint of the best evaluation (early stopping's `best_step` by `train.metric`, which honours
+    min_delta), else the best `metric` in `mode` among those Ray kept (the later on ties); with its metrics."""
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
     if not ranked:
-        raise RuntimeError(f"training produced no checkpoint (results in {result.path})")
+        raise RuntimeError(f"training produced no checkpoint with {metric} (results in {result.path})")
     at_best = [cm for cm in ranked if cm[1].get("step") == best_step]
-    return at_best[0] if at_best else min(ranked, key=lambda cm: (cm[1]["val_loss"], -cm[1]["step"]))
+    sign = 1 if mode == "min" else -1
+    return at_best[0] if at_best else min(ranked, key=lambda cm: (sign * cm[1][metric], -cm[1]["step"]))
 
 
 def export_result(cfg: Config, result, model_dir: str | Path | None = None, manifest: dict | None = None) -> dict:
@@ -84,7 +123,7 @@ def export_result(cfg: Config, result, model_dir: str | Path | None = None, mani
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as last_dir:
             state = checkpoint_state(last_dir)  # the latest checkpoint has the full history
-    ckpt, metrics = best_checkpoint(result, state.get("best_step"))
+    ckpt, metrics = best_checkpoint(result, cfg.train.metric, cfg.train.mode, state.get("best_step"))
     with ckpt.as_directory() as ckpt_dir:
         summary = training_summary(state, metrics, ckpt.path)
         summary["early_stopped"] = bool((result.metrics or {}).get("early_stopped"))
@@ -103,6 +142,6 @@ def train(cfg: Config) -> dict:
         raise RuntimeError(f"training failed: {result.error}")
     summary = export_result(cfg, result, manifest=manifest)
     summary["total_wall_time_s"] = time.time() - start
-    print(f"[raylm train] exported step {summary['best_step']} (val_loss {summary['val'].get('val_loss', 0):.4f}) "
+    print(f"[raylm train] exported step {summary['best_step']} ({cfg.train.metric} {summary['val'].get(cfg.train.metric, 0):.4f}) "
           f"to {summary['model_dir']} in {summary['total_wall_time_s']:.0f}s")
     return summary

@@ -3,6 +3,9 @@
 `fit(cfg, manifest, train_epoch, val_batches, hooks)` is the whole loop and needs no Ray (a GPU benchmark drives it
 at world size 1 with plain iterables); `train_loop_per_worker(config)` wires it to Ray Train: dataset shards,
 `ray.train.report` with checkpoints, and resume from `ray.train.get_checkpoint()`.
+
+Reading order: `fit` (the training step, top to bottom) calls `evaluate` and `save_checkpoint` at the steps
+`is_report_step` names; both take what they need as arguments.
 """
 
 from __future__ import annotations
@@ -65,13 +68,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """Ranks that see different data: a tensor-parallel group of `tensor_parallel` ranks shares one batch."""
+    return max(1, world_size // cfg.train.deepspeed.tensor_parallel)
+
+
 def total_steps(cfg: Config, manifest: dict, world_size: int) -> int:
     t = cfg.train
     if t.max_steps is not None:
         return t.max_steps
     rows = manifest["splits"]["train"]["rows"]
-    per_epoch = max(1, rows // (t.batch_size * world_size * t.grad_accum))
+    per_epoch = max(1, rows // (t.batch_size * data_parallel_size(cfg, world_size) * t.grad_accum))
     return max(1, math.ceil(t.epochs * per_epoch))
+
+
+def is_report_step(cfg: Config, step: int, steps: int) -> bool:
+    """Steps that evaluate and report to Ray: every eval_every and checkpoint_every step, and the last one
+    (a checkpoint always carries its own fresh validation score, so checkpoints can be ranked)."""
+    t = cfg.train
+    return step % t.eval_every == 0 or step % t.checkpoint_every == 0 or step >= steps
+
+
+def count_report_steps(cfg: Config, steps: int) -> int:
+    """How many reports a full run makes (Tune's ASHA max_t)."""
+    return sum(is_report_step(cfg, s, steps) for s in range(1, steps + 1))
 
 
 def build_engine(cfg: Config, manifest: dict, steps: int):
@@ -84,12 +104,15 @@ def build_engine(cfg: Config, manifest: dict, steps: int):
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config(cfg),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=cfg.train.warmup_steps,
                                                num_training_steps=steps))
+    if cfg.train.compile:  # torch.compile of the module inside the engine (DeepSpeed keeps ZeRO hooks working)
+        engine.compile()
     return engine
 
 
 # ------------------------------------------------------------------------------------------------ batches
 class Masker:
-    """BERT masking (15% of non-special tokens; 80% [MASK], 10% random, 10% kept) via transformers' collator."""
+    """BERT masking for training (15% of non-special tokens; 80% [MASK], 10% random, 10% kept), transformers'
+    collator; validation and test use the seeded per-row `raylm.evaluate.mask_row` instead (same rule)."""
 
     def __init__(self, cfg: Config, manifest: dict, seed: int):
         from transformers import AutoTokenizer, DataCollatorForLanguageModeling
@@ -103,6 +126,21 @@ class Masker:
         return self.collator.torch_mask_tokens(ids.clone(), special_tokens_mask=torch.isin(ids, self.special))
 
 
+def eval_masker(cfg: Config, manifest: dict) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Validation masking: the same seeded per-row 80/10/10 rule `raylm evaluate` applies to the test split."""
+    from raylm.evaluate import masking_context, mask_row
+
+    ctx = masking_context(manifest, cfg.seed)
+
+    def mask(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [mask_row(row, ctx) for row in ids.numpy()]
+        masked = torch.as_tensor(np.stack([m for m, _ in rows]))
+        labels = torch.where(torch.as_tensor(np.stack([c for _, c in rows])), ids, torch.full_like(ids, -100))
+        return masked, labels
+
+    return mask
+
+
 def as_long(column) -> torch.Tensor:
     """A batch column as int64: tensors, numpy arrays, or numpy object arrays of equal-length lists."""
     if isinstance(column, np.ndarray) and column.dtype == object:
@@ -110,7 +148,7 @@ def as_long(column) -> torch.Tensor:
     return torch.as_tensor(np.asarray(column) if isinstance(column, list) else column).long()
 
 
-def model_inputs(task: str, batch: dict, masker: Masker | None, device) -> tuple[dict, int]:
+def model_inputs(task: str, batch: dict, masker: Callable | None, device) -> tuple[dict, int]:
     """Model kwargs for one batch of shard rows, and the number of tokens the loss is averaged over."""
     ids = as_long(batch["input_ids"])
     if task == "causal_lm":
@@ -125,6 +163,11 @@ def model_inputs(task: str, batch: dict, masker: Masker | None, device) -> tuple
     return {k: v.to(device) for k, v in inputs.items()}, n
 
 
+def data_parallel_slice(batch: dict, dp_rank: int, dp_size: int) -> dict:
+    """This data-parallel rank's rows of a global batch: every rank of one tensor-parallel group gets the same rows."""
+    return {k: v[dp_rank::dp_size] for k, v in batch.items()}
+
+
 # -------------------------------------------------------------------------------------------------- state
 @dataclass
 class State:
@@ -134,7 +177,7 @@ class State:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches consumed in `epoch`: the data position
     tokens_seen: int = 0
-    best_val: float = math.inf
+    best_val: float = math.inf  # best `train.metric` so far (-inf start when train.mode is max)
     best_step: int = 0
     bad_evals: int = 0
     train_time_s: float = 0.0
@@ -152,6 +195,8 @@ class Hooks:
     rank: int = 0
     world_size: int = 1
     log: Callable[[str], None] = print
+    dp_rank: int = 0  # data-parallel rank: equal on the ranks of one tensor-parallel group
+    dp_size: int = 1
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -165,104 +210,113 @@ def fmt_eta(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate(engine, task: str, val_batches: Iterable[dict], masker: Callable | None, hooks: Hooks,
+             eval_batches: int | None) -> tuple[dict, dict]:
+    """Validation metrics over the val split (each data-parallel rank scores every dp_size-th batch), and a probe:
+    the first val rows, the same on every rank, whose logits each checkpoint records for the export check."""
+    limit = eval_batches * hooks.dp_size if eval_batches else None
+    first, local = None, []
+    for i, batch in enumerate(val_batches):
+        if limit is not None and i >= limit:
+            break
+        first = batch if first is None else first
+        if i % hooks.dp_size == hooks.dp_rank:
+            local.append(batch)
+    if first is None:
+        raise RuntimeError("the val split has no rows: validation (early stopping, best checkpoint) needs some")
+    probe = {"input_ids": as_long(first["input_ids"])[:2]}
+    if task == "classification":
+        probe["attention_mask"] = as_long(first["attention_mask"])[:2]
+    # every rank runs the same number of forwards (ZeRO-3 gathers params collectively); extras weigh 0
+    n_fwd = int(max(all_sum([0.0] * hooks.rank + [len(local)] + [0.0] * (hooks.world_size - hooks.rank - 1),
+                            engine.device)))
+    engine.eval()
+    loss_sum = n_sum = correct = 0.0
+    with torch.no_grad():
+        for i in range(n_fwd):
+            batch = local[i] if i < len(local) else first  # a forward that weighs 0
+            inputs, n = model_inputs(task, batch, masker, engine.device)
+            out = engine(**inputs)
+            if i < len(local):
+                loss_sum += float(out.loss) * n
+                n_sum += n
+                if task == "classification":
+                    correct += float((out.logits.argmax(-1) == inputs["labels"]).sum())
+    engine.train()
+    loss_sum, n_sum, correct = all_sum([loss_sum, n_sum, correct], engine.device)
+    val_loss = loss_sum / n_sum
+    if task == "classification":
+        return {"val_loss": val_loss, "val_accuracy": correct / n_sum}, probe
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}, probe
+
+
+def improves(value: float, best: float, mode: str, min_delta: float) -> bool:
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(engine, state: State, probe: dict, directory: str, cfg: Config, hooks: Hooks) -> None:
+    """Every rank saves its DeepSpeed shards and runs the probe forward (collectives under ZeRO-3); rank 0 writes
+    the probe and, last, the state file that marks the checkpoint complete."""
+    engine.save_checkpoint(directory, tag=CKPT_TAG, client_state={"raylm": state.__dict__, "rng": torch.get_rng_state()})
+    engine.eval()
+    with torch.no_grad():
+        probe_logits = engine(**{k: v.to(engine.device) for k, v in probe.items()}).logits.float().cpu()
+    engine.train()
+    if hooks.rank == 0:
+        torch.save({**probe, "logits": probe_logits}, Path(directory) / PROBE_FILE)
+        tmp = Path(directory) / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({**state.__dict__, "task": cfg.model.task, "config": cfg.model_dump(mode="json")}))
+        tmp.rename(Path(directory) / STATE_FILE)
+    write_manifest(directory, hooks.rank, hooks.world_size)  # last: sizes + hashes of this rank's files
+
+
+def restore(engine, restore_dir: str, log: Callable[[str], None]) -> State:
+    with weights_only_loads():  # DeepSpeed unpickles with weights_only=False; never let a checkpoint run code
+        _, client = engine.load_checkpoint(restore_dir, tag=CKPT_TAG)
+    state = State(**client["raylm"])
+    state.resumed_from.append(state.step)
+    torch.set_rng_state(client["rng"])
+    log(f"resumed from checkpoint at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+    return state
+
+
 # --------------------------------------------------------------------------------------------------- loop
 def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]],
         val_batches: Callable[[], Iterable[dict]], hooks: Hooks = Hooks()) -> dict:
     """Train until max_steps/epochs or early stopping; returns the final state as a dict (rank 0's is used)."""
-    t = cfg.train
-    task = cfg.model.task
+    t, task, metric = cfg.train, cfg.model.task, cfg.train.metric
     steps = total_steps(cfg, manifest, hooks.world_size)
     engine = build_engine(cfg, manifest, steps)
-    device = engine.device
-    state = State()
-    if hooks.restore_dir:
-        with weights_only_loads():  # DeepSpeed unpickles with weights_only=False; never let a checkpoint run code
-            _, client = engine.load_checkpoint(hooks.restore_dir, tag=CKPT_TAG)
-        state = State(**client["raylm"])
-        state.resumed_from.append(state.step)
-        torch.set_rng_state(client["rng"])
-        hooks.log(f"resumed from checkpoint at step {state.step} (epoch {state.epoch}, "
-                  f"batch {state.batches_in_epoch})")
-    torch.manual_seed(cfg.seed + 1000 * hooks.rank + state.step)
-    masker = Masker(cfg, manifest, seed=cfg.seed + hooks.rank) if task == "masked_lm" else None
-    val_masker = Masker(cfg, manifest, seed=cfg.seed) if task == "masked_lm" else None
-    probe = None  # fixed rows from val for the export check, taken on first evaluation
-
-    def evaluate() -> dict:
-        nonlocal probe
-        engine.eval()
-        local = []
-        for i, batch in enumerate(val_batches()):
-            if t.eval_batches and i >= t.eval_batches * hooks.world_size:
-                break
-            if i % hooks.world_size == hooks.rank:
-                local.append(batch)
-        # every rank runs the same number of forwards (ZeRO-3 gathers params collectively); extras weigh 0
-        n_fwd = int(max(all_sum([0.0] * hooks.rank + [len(local)] + [0.0] * (hooks.world_size - hooks.rank - 1),
-                                device)))
-        if val_masker is not None:
-            val_masker.collator.generator = torch.Generator().manual_seed(cfg.seed)
-        loss_sum = n_sum = correct = 0.0
-        with torch.no_grad():
-            for i in range(n_fwd):
-                batch = local[i] if i < len(local) else (local[0] if local else None)
-                if batch is None:  # no val rows on this rank at all: a dummy forward
-                    batch = {k: [[0] * manifest["block_size"]] if k != "label" else [0]
-                             for k in ("input_ids", "attention_mask", "label")}
-                inputs, n = model_inputs(task, batch, val_masker, device)
-                out = engine(**inputs)
-                if i < len(local):
-                    loss_sum += float(out.loss) * n
-                    n_sum += n
-                    if task == "classification":
-                        correct += float((out.logits.argmax(-1) == inputs["labels"]).sum())
-        if probe is None and local:
-            probe = {"input_ids": as_long(local[0]["input_ids"])[:2]}
-            if task == "classification":
-                probe["attention_mask"] = as_long(local[0]["attention_mask"])[:2]
-        loss_sum, n_sum, correct = all_sum([loss_sum, n_sum, correct], device)
-        engine.train()
-        val_loss = loss_sum / max(n_sum, 1)
-        if task == "classification":
-            return {"val_loss": val_loss, "val_accuracy": correct / max(n_sum, 1)}
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-
-    def save_checkpoint(directory: str) -> None:
-        client = {"raylm": state.__dict__, "rng": torch.get_rng_state()}
-        engine.save_checkpoint(directory, tag=CKPT_TAG, client_state=client)
-        probe_logits = None
-        if probe is not None:  # all ranks forward (ZeRO-3), rank 0 writes
-            engine.eval()
-            with torch.no_grad():
-                probe_logits = engine(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
-            engine.train()
-        if hooks.rank == 0:
-            if probe is not None:
-                torch.save({**probe, "logits": probe_logits}, Path(directory) / PROBE_FILE)
-            tmp = Path(directory) / (STATE_FILE + ".tmp")
-            tmp.write_text(json.dumps({**state.__dict__, "task": task, "config": cfg.model_dump(mode="json")}))
-            tmp.rename(Path(directory) / STATE_FILE)
-        write_manifest(directory, hooks.rank, hooks.world_size)  # last: sizes + hashes of this rank's files
-
+    state = restore(engine, hooks.restore_dir, hooks.log) if hooks.restore_dir else \
+        State(best_val=math.inf if t.mode == "min" else -math.inf)
+    torch.manual_seed(cfg.seed + 1000 * hooks.dp_rank + state.step)  # a tensor-parallel group shares dropout
+    masker = Masker(cfg, manifest, seed=cfg.seed + hooks.dp_rank) if task == "masked_lm" else None
+    val_masker = eval_masker(cfg, manifest) if task == "masked_lm" else None
+    min_delta = t.early_stopping.min_delta if t.early_stopping else 0.0
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
-    engine.train()
-    done = state.step >= steps
-    micro_in_step = 0
-    window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    tokens_per_micro = t.batch_size * manifest["block_size"] * hooks.dp_size
+
+    window_loss, window_micro, window_start = torch.zeros((), device=engine.device), 0, time.perf_counter()
     loop_start = time.perf_counter() - state.train_time_s
-    tokens_per_micro = t.batch_size * manifest["block_size"] * hooks.world_size
+    micro_in_step, done = 0, state.step >= steps
+    engine.train()
     while not done:
-        skip = state.batches_in_epoch  # resume mid-epoch: skip what was already consumed
+        skip, seen = state.batches_in_epoch, 0  # resume mid-epoch: skip what was already consumed
         for i, batch in enumerate(train_epoch(state.epoch)):
+            seen += 1
             if i < skip:
                 continue
-            inputs, _ = model_inputs(task, batch, masker, device)
+            # -- one micro-step: forward, backward, optimizer step at the accumulation boundary (DeepSpeed)
+            inputs, _ = model_inputs(task, batch, masker, engine.device)
             loss = engine(**inputs).loss
             engine.backward(loss)
             engine.step()
+            window_loss += loss.detach()  # stays on the device: the host syncs only at log steps
+            window_micro += 1
             state.batches_in_epoch += 1
             state.tokens_seen += tokens_per_micro
-            window_loss, window_n, window_tokens = window_loss + float(loss.detach()), window_n + 1, window_tokens + tokens_per_micro
             micro_in_step += 1
             if micro_in_step < t.grad_accum:
                 continue
@@ -276,52 +330,54 @@ def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]
                 os._exit(1)
             now = time.perf_counter()
             state.train_time_s = now - loop_start
-            is_eval = state.step % t.eval_every == 0 or state.step >= steps
-            if state.step % t.log_every == 0 or is_eval:
-                tps = window_tokens / max(now - window_start, 1e-9)
-                entry = {"step": state.step, "train_loss": window_loss / max(window_n, 1),
-                         "lr": engine.get_lr()[0], "tokens_per_s": tps, "step_time_s": (now - window_start) / max(window_n / t.grad_accum, 1)}
+            report = is_report_step(cfg, state.step, steps)
+            # -- log: the one host sync of the training loss
+            if state.step % t.log_every == 0 or report:
+                elapsed = max(now - window_start, 1e-9)
+                entry = {"step": state.step, "train_loss": float(window_loss) / max(window_micro, 1),
+                         "lr": engine.get_lr()[0], "tokens_per_s": window_micro * tokens_per_micro / elapsed,
+                         "step_time_s": elapsed / max(window_micro / t.grad_accum, 1)}
                 state.history.append(entry)
                 if hooks.rank == 0:
-                    eta = (steps - state.step) * entry["step_time_s"]
                     hooks.log(f"step {state.step}/{steps} | loss {entry['train_loss']:.4f} | lr {entry['lr']:.2e} | "
-                              f"{tps:,.0f} tok/s | eta {fmt_eta(eta)}")
-                window_loss, window_n, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-            if is_eval:
-                val = evaluate()
-                improved = val["val_loss"] < state.best_val - cfg.train.early_stopping.min_delta \
-                    if cfg.train.early_stopping else val["val_loss"] < state.best_val
-                if improved:
-                    state.best_val, state.best_step, state.bad_evals = val["val_loss"], state.step, 0
-                else:
-                    state.bad_evals += 1
-                state.evals.append({"step": state.step, **val})
-                stop = bool(cfg.train.early_stopping and state.bad_evals >= cfg.train.early_stopping.patience)
-                done = stop or state.step >= steps
-                last = state.history[-1]
-                metrics = {"step": state.step, "epoch": state.epoch, "train_loss": last["train_loss"],
-                           **val, "lr": last["lr"], "tokens_per_s": last["tokens_per_s"],
-                           "step_time_s": last["step_time_s"], "tokens_seen": state.tokens_seen,
-                           "early_stopped": stop}
-                if hooks.rank == 0:
-                    extra = " ".join(f"{k} {v:.4f}" for k, v in val.items())
-                    hooks.log(f"eval step {state.step}: {extra}" + (" (early stop)" if stop else ""))
-                # checkpoint on cadence, on a new best (so the best is exportable), and at the end
-                want_ckpt = state.step % t.checkpoint_every == 0 or improved or done
-                if want_ckpt:
-                    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
-                        save_checkpoint(tmp)
-                        hooks.report(metrics, tmp)
-                else:
-                    hooks.report(metrics, None)
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-                if done:
-                    break
+                              f"{entry['tokens_per_s']:,.0f} tok/s | eta {fmt_eta((steps - state.step) * entry['step_time_s'])}")
+                window_loss, window_micro, window_start = torch.zeros((), device=engine.device), 0, time.perf_counter()
+            if not report:
+                continue
+            # -- evaluate, early-stop on train.metric, checkpoint, report
+            val, probe = evaluate(engine, task, val_batches(), val_masker, hooks, t.eval_batches)
+            improved = improves(val[metric], state.best_val, t.mode, min_delta)
+            if improved:
+                state.best_val, state.best_step, state.bad_evals = val[metric], state.step, 0
+            else:
+                state.bad_evals += 1
+            state.evals.append({"step": state.step, **val})
+            stop = bool(t.early_stopping and state.bad_evals >= t.early_stopping.patience)
+            done = stop or state.step >= steps
+            last = state.history[-1]
+            metrics = {"step": state.step, "epoch": state.epoch, **val, "train_loss": last["train_loss"],
+                       "lr": last["lr"], "tokens_per_s": last["tokens_per_s"], "step_time_s": last["step_time_s"],
+                       "tokens_seen": state.tokens_seen, "early_stopped": stop}
+            if hooks.rank == 0:
+                hooks.log(f"eval step {state.step}: " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
+                          + (" (early stop)" if stop else ""))
+            # checkpoint on cadence, on a new best (so the best is exportable), and at the end
+            if state.step % t.checkpoint_every == 0 or improved or done:
+                with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
+                    save_checkpoint(engine, state, probe, tmp, cfg, hooks)
+                    hooks.report(metrics, tmp)
+            else:
+                hooks.report(metrics, None)
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+            if done:
+                break
         else:
+            if seen == 0:  # drop_last on a shard smaller than one batch: never loop over empty epochs
+                raise RuntimeError(f"worker rank {hooks.rank} got no training batch in epoch {state.epoch}: its "
+                                   f"shard has fewer than train.batch_size ({t.batch_size}) rows")
             state.epoch += 1
             state.batches_in_epoch = 0
-            continue
-    return {k: v for k, v in state.__dict__.items()}
+    return dict(state.__dict__)
 
 
 # ---------------------------------------------------------------------------------------------- Ray Train
@@ -339,14 +395,18 @@ def train_loop_per_worker(config: dict) -> dict:
     if config.get("fault_at_step"):
         os.environ[FAULT_ENV] = str(config["fault_at_step"])
     ctx = ray.train.get_context()
+    tp = cfg.train.deepspeed.tensor_parallel
+    dp_rank, dp_size = ctx.get_world_rank() // tp, data_parallel_size(cfg, ctx.get_world_size())
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
-    columns = ["input_ids", "attention_mask", "label"] if cfg.model.task == "classification" else ["input_ids"]
 
     def train_epoch(epoch: int):
-        return train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=4 * cfg.train.batch_size,
-                                              local_shuffle_seed=cfg.seed + epoch, dtypes=None)
+        # tensor_parallel > 1: the train set is not split per worker (see make_trainer); every rank reads the same
+        # global batches in the same order and keeps its data-parallel rank's rows
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size * dp_size if tp > 1 else cfg.train.batch_size,
+                                                 drop_last=True, local_shuffle_buffer_size=4 * cfg.train.batch_size * dp_size,
+                                                 local_shuffle_seed=cfg.seed + epoch, dtypes=None)
+        return (data_parallel_slice(b, dp_rank, dp_size) for b in batches) if tp > 1 else batches
 
     def val_batches():
         return val_ds.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
@@ -361,7 +421,8 @@ def train_loop_per_worker(config: dict) -> dict:
         if restore_dir and not (Path(restore_dir) / STATE_FILE).exists():
             raise RuntimeError(f"checkpoint {restore_dir} is incomplete (no {STATE_FILE}); refusing to resume")
         hooks = Hooks(report=report, restore_dir=restore_dir, rank=ctx.get_world_rank(),
-                      world_size=ctx.get_world_size(), log=lambda s: print(f"[raylm train] {s}", flush=True))
+                      world_size=ctx.get_world_size(), log=lambda s: print(f"[raylm train] {s}", flush=True),
+                      dp_rank=dp_rank, dp_size=dp_size)
         return fit(cfg, manifest, train_epoch, val_batches, hooks)
 
 

@@ -31,9 +31,6 @@ DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_drop
                   "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout", "dropout",
                   "activation_dropout", "classifier_dropout")
 
-# per model_type: embedding modules and the list of transformer layers, as attribute paths on `model.base_model`
-EMBEDDINGS = {"gpt2": ["wte", "wpe"], "llama": ["embed_tokens"], "bert": ["embeddings"]}
-LAYERS = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}
 # LoRA targets when `model.lora.target_modules` is not given: the family's attention projections
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
 LORA_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "masked_lm": None}
@@ -125,24 +122,36 @@ def family(model: torch.nn.Module) -> str:
     return model.config.model_type
 
 
-def _get(module: torch.nn.Module, dotted: str) -> torch.nn.Module | None:
-    for part in dotted.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's transformer layers, found from its own structure for any family: the first ModuleList in
+    `base_model` as long as `config.num_hidden_layers` (else the longest one)."""
+    lists = [m for _, m in model.base_model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError("model.freeze.layers", f"found no layer list in model_type {family(model)!r}")
+    n = getattr(model.config, "num_hidden_layers", None)
+    return next((m for m in lists if len(m) == n), max(lists, key=len))
+
+
+def embedding_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input embeddings (`get_input_embeddings`) and every direct child of `base_model` that holds an
+    nn.Embedding (position / token-type tables, BERT's whole `embeddings` block with its LayerNorm)."""
+    mods = [model.get_input_embeddings()]
+    for child in model.base_model.children():
+        if any(isinstance(m, torch.nn.Embedding) for m in child.modules()) and not isinstance(child, torch.nn.ModuleList):
+            mods.append(child)
+    return mods
 
 
 def frozen_modules(model: torch.nn.Module, cfg: Config) -> list[torch.nn.Module]:
     """The modules `model.freeze` names: embeddings and/or the first N transformer layers."""
-    kind, base = family(model), model.base_model
-    if kind not in LAYERS:
-        raise ConfigError("model.freeze", f"freezing is not supported for model_type {kind!r}")
-    mods = [m for name in EMBEDDINGS[kind] if (m := _get(base, name)) is not None] if cfg.model.freeze.embeddings else []
-    layers = _get(base, LAYERS[kind])
-    if cfg.model.freeze.layers > len(layers):
-        raise ConfigError("model.freeze.layers", f"{cfg.model.freeze.layers} exceeds the model's {len(layers)} layers")
-    return mods + list(layers[: cfg.model.freeze.layers])
+    freeze = cfg.model.freeze
+    mods = embedding_modules(model) if freeze.embeddings else []
+    if freeze.layers:
+        layers = layer_stack(model)
+        if freeze.layers > len(layers):
+            raise ConfigError("model.freeze.layers", f"{freeze.layers} exceeds the model's {len(layers)} layers")
+        mods += list(layers[: freeze.layers])
+    return mods
 
 
 def apply_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
