@@ -41,26 +41,31 @@ def bench_tokenizer():
     return AutoTokenizer.from_pretrained(str(out))
 
 
-def with_pack_groups(table):
-    """prepare's layout: contiguous runs of documents in doc_id order, one per output shard."""
+def with_pack_groups(ds):
+    """The earlier prepare's layout: GROUPS contiguous runs of documents in doc_id order."""
     import pyarrow as pa
 
-    n = table.num_rows
-    order = sorted(range(n), key=lambda i: table["doc_id"][i].as_py())
-    group = [0] * n
-    for rank, i in enumerate(order):
-        group[i] = rank * GROUPS // n
-    return table.append_column("pack_group", pa.array(group, pa.int64()))
+    ids = sorted(r["doc_id"] for r in ds.select_columns(["doc_id"]).take_all())
+    group_of = {d: i * GROUPS // len(ids) for i, d in enumerate(ids)}
+    return ds.map_batches(lambda t: t.append_column("pack_group", pa.array(
+        [group_of[d] for d in t["doc_id"].to_pylist()], pa.int64())), batch_format="pyarrow")
 
 
-def raylm_stage(ds, tok):
-    """prepare's tokenize + pack, called the way `raylm prepare` calls them (thin: two public functions)."""
-    from raylm.data.pack import pack_group, tokenize_lm
+def raylm_stage(ds, tok, chars: int):
+    """prepare's tokenize + pack, called the way `raylm prepare` calls them (thin: its public stage functions).
+    Returns (per-document ids dataset, packed rows dataset, number of pack groups)."""
+    from raylm.data import pack
 
-    ids = ds.map_batches(tokenize_lm, batch_format="pyarrow", batch_size=64,
-                         fn_kwargs={"tokenizer": tok, "task": "causal_lm"})
+    if hasattr(pack, "shuffled_rows"):  # streaming prepare (issue 11): seeded pack groups sized by text
+        groups = pack.num_groups(chars)
+        kwargs = {"tokenizer": tok, "task": "causal_lm", "seed": 0}
+        ids = ds.map_batches(pack.tokenize_lm, fn_kwargs={**kwargs, "groups": groups}, batch_format="pyarrow",
+                             batch_size=256)
+        return ids, pack.shuffled_rows(ds, pack.tokenize_lm, kwargs, groups, pack.pack_group, {"block_size": BLOCK}), groups
+    ids = with_pack_groups(ds).map_batches(pack.tokenize_lm, batch_format="pyarrow", batch_size=64,
+                                           fn_kwargs={"tokenizer": tok, "task": "causal_lm"})
     return ids, ids.groupby("pack_group", num_partitions=GROUPS).map_groups(
-        pack_group, fn_kwargs={"block_size": BLOCK}, batch_format="pyarrow")
+        pack.pack_group, fn_kwargs={"block_size": BLOCK}, batch_format="pyarrow"), GROUPS
 
 
 def main() -> None:
@@ -73,9 +78,10 @@ def main() -> None:
     args = ap.parse_args()
 
     res = Result("tokenize", f">={TARGET}", None, None, "", "")
-    table = with_pack_groups(corpus.docs(args.mb))
+    table = corpus.docs(args.mb)
     texts = table["text"].to_pylist()
     mb = sum(len(t.encode()) for t in texts) / 1e6
+    chars = sum(len(t) for t in texts)
     tok = bench_tokenizer()
     backend, eos = tok.backend_tokenizer, tok.eos_token_id
 
@@ -97,12 +103,12 @@ def main() -> None:
 
     def raylm() -> dict:
         t0 = time.perf_counter()
-        _, packed = raylm_stage(ds, tok)
+        _, packed, groups = raylm_stage(ds, tok, chars)
         packed = packed.materialize()
-        return {"s": time.perf_counter() - t0, "blocks": packed.count()}
+        return {"s": time.perf_counter() - t0, "blocks": packed.count(), "groups": groups}
 
     # -- correctness: same ids per document on a sample, and the packed total adds up
-    ids, _ = raylm_stage(ray.data.from_arrow(table.slice(0, SAMPLE)), tok)
+    ids, _, _ = raylm_stage(ray.data.from_arrow(table.slice(0, SAMPLE)), tok, chars)
     got = {r["doc_id"]: list(r["ids"]) for r in ids.take_all()}
     want = [e.ids + [eos] for e in backend.encode_batch(texts[:SAMPLE], add_special_tokens=False)]
     same_ids = all(got[d] == w for d, w in zip(table["doc_id"][:SAMPLE].to_pylist(), want))
@@ -112,7 +118,7 @@ def main() -> None:
     a_tps = [tokens / r["s"] for r in runs["A"]]
     b_tps = [tokens / r["s"] for r in runs["B"]]
     blocks = runs["B"][0]["blocks"]
-    packed_ok = 0 <= tokens + len(texts) - blocks * BLOCK < GROUPS * BLOCK  # each group drops < one block
+    packed_ok = 0 <= tokens + len(texts) - blocks * BLOCK < runs["B"][0]["groups"] * BLOCK  # < 1 block dropped per group
     rat = ratios(a_tps, b_tps)
     med = spread(rat)["median"]
     res.ratio, res.passed = med, same_ids and packed_ok and med >= TARGET
