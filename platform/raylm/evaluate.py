@@ -236,7 +236,7 @@ def first_rows(split_dir: str | Path, n: int, columns: list[str]) -> dict[str, l
 
 
 # ----------------------------------------------------------------------------------- n-gram baselines
-BIGRAM_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # interpolation weights tried on the val split
+BIGRAM_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # interpolation weights tried on val
 
 
 def split_rows(split_dir: str | Path):
@@ -368,6 +368,7 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     """Scores the model on the test split; writes metrics.json, report.md and plots/*.png."""
     import ray
 
+    from raylm.modelcard import write_model_card
     from raylm.report import write_report
 
     start = time.time()
@@ -399,5 +400,6 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     metrics["wall_time_s"] = round(time.time() - start, 2)
     write_json_atomic(cfg.uri("metrics.json"), metrics)
     write_report(cfg, metrics, model_dir)
+    write_model_card(cfg, model_dir, metrics)  # model/README.md: the metrics now exist
     log.info("evaluate: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from raylm.config import Config, ConfigError, with_overrides
 from raylm.storage import is_uri, join as join_storage, resolve as resolve_storage, stage_io, write_json_atomic
+from raylm.tracking import log_exported_model, start_search
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,10 @@ def run_trial(values: dict[str, Any], base: dict) -> None:
     if is_uri(base_cfg.output_dir):  # the trial dir above is a local staging dir: the Train run goes to the store
         trial_dir = join_storage(base_cfg.uri("tune"), experiment_name(base_cfg), Path(trial_dir).name)
     # a fixed run name inside the trial dir: a restored trial's Train run resumes from its latest checkpoint
+    trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, storage_path=trial_dir, name=TRAIN_RUN_NAME,
-                           callbacks=[TuneReportCallback(), RecordTrainRun(tune.get_context().get_trial_id())])
+                           callbacks=[TuneReportCallback(), RecordTrainRun(trial_id)],
+                           tracking_run=f"trial-{trial_id}", tracking_parent=experiment_name(base_cfg))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -223,7 +226,8 @@ def _tune_callback_base() -> type:
 
 class ReleaseFinishedTrials(_tune_callback_base()):
     """Tune driver side: once a finished or errored trial's Train controller is dead, removes the placement groups
-    it left; reports a running trial that has had no result for WAIT_REPORT_S with the resources it waits for."""
+    it left; a running trial whose Train workers have not started WAIT_REPORT_S after its start or last result is
+    reported once with the placement groups still waiting and the cluster's free resources."""
 
     def __init__(self):
         self.ended: dict[str, float] = {}  # trial id -> when it ended
@@ -281,10 +285,12 @@ class ReleaseFinishedTrials(_tune_callback_base()):
             since = self.last_result.get(trial.trial_id)
             if trial.status != "RUNNING" or since is None or now - since < WAIT_REPORT_S or trial.trial_id in self.warned:
                 continue
+            if (trial_run_record(trial.trial_id) or {}).get("placement_groups"):
+                continue  # its workers have their resources: slow, not waiting
             self.warned.add(trial.trial_id)
             pending = [{"bundles": pg.get("bundles"), "strategy": pg.get("strategy")}
                        for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
-            msg = (f"trial {trial.trial_id} has reported nothing for {now - since:.0f} s; placement groups waiting for "
+            msg = (f"trial {trial.trial_id} has waited {now - since:.0f} s for its Train workers; placement groups waiting for "
                    f"resources: {pending or 'none'}; free now: {ray.available_resources()} of {ray.cluster_resources()}")
             log.warning("tune: %s", msg)
             print(f"[raylm tune] {msg}", file=sys.stderr, flush=True)
@@ -389,6 +395,7 @@ def tune(cfg: Config) -> dict:
     manifest = check_inputs(cfg)
     start = time.time()
     tuner, path = make_tuner(cfg)
+    start_search(cfg.public_dump(), str(cfg.path("tracking")), experiment_name(cfg))  # trials nest under it
     grid = tuner.fit()
     trials = grid._experiment_analysis.trials  # noqa: SLF001 - Trial objects carry the status
     expected = expected_trials(cfg)
@@ -409,13 +416,15 @@ def tune(cfg: Config) -> dict:
     train_result = Result.from_path(f"{best['path']}/{TRAIN_RUN_NAME}",
                                     storage_filesystem=resolve_storage(cfg.uri("tune"))[0])
     summary = export_result(best_cfg, train_result, manifest=manifest)
+    log_exported_model(cfg.public_dump(), str(cfg.path("tracking")), experiment_name(cfg),
+                       summary["model_dir"])
     report = {
         "metric": cfg.tune.metric, "mode": cfg.tune.mode, "scheduler": cfg.tune.scheduler.type,
         "search": cfg.tune.search, "experiment_path": path, "max_evaluations": max_t,
         "best_trial": {"trial_id": best["trial_id"], "hyperparameters": best["hyperparameters"],
                        "metric": best["metric"], "metrics": summary.get("val"),
                        "checkpoint": summary.get("checkpoint"), "model_dir": summary.get("model_dir"),
-                       "config": best_cfg.model_dump(mode="json")},
+                       "config": best_cfg.public_dump()},  # ${ENV} values stay references
         "trials": rows,
         "wall_time_s": round(time.time() - start, 1),
     }
