@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,11 @@ class ConfigError(ValueError):
         self.key, self.reason = key, reason
 
     def __str__(self) -> str:
-        return f"config error: {self.key}: {self.reason}"
+        # always one line: a key a user typed with odd characters is quoted, whitespace in the reason collapsed
+        plain = self.key == "(top level)" or (self.key.isprintable() and not any(c.isspace() or c == ":" for c in self.key)
+                                             and self.key != "")
+        reason = " ".join(str(self.reason).split())
+        return f"config error: {self.key if plain else repr(self.key)}: {reason}"
 
 
 class Strict(BaseModel):
@@ -453,6 +457,12 @@ class ServeCfg(Strict):
     max_new_tokens: int = Field(256, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     api_key_env: str | None = Field(None, description="env var holding the API key; requests then need a Bearer token")
+    api_keys_env: str | None = Field(None, description="several API keys, one per line: an env var name, or a file "
+                                                       "path (contains '/'); any of them (or api_key_env's) is accepted")
+    log_request_bodies: bool = Field(False, description="log request bodies (prompt text) in the replica logs; off "
+                                                        "because prompts can hold personal data or secrets")
+    request_timeout_s: float = Field(120.0, gt=0, description="server-side limit on one HTTP request (Serve's "
+                                                              "request_timeout_s): no request hangs on a stuck replica")
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (FastAPI) deployment")
 
     @model_validator(mode="after")
@@ -493,6 +503,8 @@ class Config(Strict):
     train: TrainCfg = Field(default_factory=TrainCfg)
     tune: TuneCfg | None = None
     serve: ServeCfg = Field(default_factory=ServeCfg)
+    # path -> the text of each value that was written with `${ENV}` (set by load_config; see public_dump)
+    _env_refs: dict[tuple, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -566,8 +578,23 @@ class Config(Strict):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def public_dump(self) -> dict:
+        """The config as JSON data with every `${ENV}` value written as the reference, never its (secret) value:
+        what manifest.json, best.json, summary.json and `raylm validate` show."""
+        data = self.model_dump(mode="json")
+        for path, text in self._env_refs.items():
+            node = data
+            try:
+                for part in path[:-1]:
+                    node = node[part]
+                node[path[-1]]  # noqa: B018 - only replace what the validated config still has
+                node[path[-1]] = text
+            except (KeyError, IndexError, TypeError):
+                pass  # the key was normalised away by validation
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.public_dump(), sort_keys=False)
 
 
 def check_key_exists(cfg: BaseModel, dotted: str, where: str) -> None:
@@ -592,14 +619,17 @@ def looks_like_path(s: str) -> bool:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def resolve_refs(value: Any, key: str = "") -> Any:
-    """Expand `${ENV_VAR}` in strings and `pkg:PACKAGE[/sub/path]` to a path inside an installed package."""
+def resolve_refs(value: Any, key: str = "", env_refs: dict[tuple, str] | None = None, path: tuple = ()) -> Any:
+    """Expand `${ENV_VAR}` in strings and `pkg:PACKAGE[/sub/path]` to a path inside an installed package.
+    With `env_refs`, records path -> the unexpanded text of every string that used `${...}` (see Config.public_dump)."""
     if isinstance(value, dict):
-        return {k: resolve_refs(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        return {k: resolve_refs(v, f"{key}.{k}" if key else str(k), env_refs, (*path, k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [resolve_refs(v, f"{key}.{i}") for i, v in enumerate(value)]
+        return [resolve_refs(v, f"{key}.{i}", env_refs, (*path, i)) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
+    if env_refs is not None and _ENV.search(value):
+        env_refs[path] = value
 
     def env(m: re.Match) -> str:
         if m.group(1) not in os.environ:
@@ -674,7 +704,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ConfigError("(top level)", "a config file is a YAML mapping")
     for a in overrides:
         apply_override(raw, a)
-    return validate_config(resolve_refs(raw))
+    env_refs: dict[tuple, str] = {}
+    cfg = validate_config(resolve_refs(raw, env_refs=env_refs))
+    cfg._env_refs = env_refs
+    return cfg
 
 
 def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
@@ -682,4 +715,7 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     raw = cfg.model_dump(mode="json")
     for key, value in values.items():
         apply_override(raw, f"{key}={json.dumps(value)}")
-    return validate_config(raw)
+    new = validate_config(raw)
+    # `${ENV}` references stay recorded for the keys the overrides left alone
+    new._env_refs = {p: t for p, t in cfg._env_refs.items() if ".".join(map(str, p)) not in values}
+    return new
