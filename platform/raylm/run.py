@@ -7,7 +7,6 @@ still says how far it got; completed steps' outputs stay. A failed step raises `
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 from datetime import datetime, timezone
@@ -33,8 +32,11 @@ def sample_request(cfg: Config, url: str, task: str) -> dict:
     route, body = SAMPLE_REQUESTS[task]
     body = {"model": cfg.name, **body}
     headers = {"Content-Type": "application/json"}
-    if cfg.serve.api_key_env:
-        headers["Authorization"] = f"Bearer {os.environ[cfg.serve.api_key_env]}"
+    from raylm.serve.api import load_api_keys
+
+    keys = load_api_keys(cfg.serve.api_key_env, cfg.serve.api_keys_env)
+    if keys:
+        headers["Authorization"] = f"Bearer {keys[0]}"
     req = urllib.request.Request(url + route, data=json.dumps(body).encode(), headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=120) as resp:
         response = json.loads(resp.read())

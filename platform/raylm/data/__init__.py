@@ -130,83 +130,137 @@ def _prepare(cfg: Config) -> dict:
     final_dir = cfg.path("data")
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     work = final_dir.with_name(f".data.tmp-{uuid.uuid4().hex[:8]}")
-    work.mkdir()
+    stage_dir = work / ".stage"  # intermediate Parquet: each expensive pass runs once, every later pass streams it
+    stage_dir.mkdir(parents=True)
+    (work / "rejected").mkdir()
+    progress = Progress()
     try:
-        # -- read + clean (one pass, materialized: everything after reads it)
-        sources = [read_source(src, i) for i, src in enumerate(d.sources)]
-        raw = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
-        cleaned = raw.map_batches(clean_batch, fn_kwargs={"cfg": d.clean, "quality": d.quality}, batch_format="pyarrow", batch_size=16)
+        # -- read + clean, one streaming pass to staged Parquet
+        with progress.stage("read+clean") as info:
+            sources = [read_source(src, i) for i, src in enumerate(d.sources)]
+            raw = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+            cleaned = raw.map_batches(keep_raw_text, fn_kwargs={"cfg": d.clean, "quality": d.quality},
+                                      batch_format="pyarrow", batch_size=16)
+            if task == "classification":
+                cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
+            write_staged(cleaned.map_batches(add_chars, batch_format="pyarrow"), stage_dir / "cleaned")
+            staged = read_staged(stage_dir / "cleaned")
+            extra = [c for c in ("language",) if c in staged.schema().names]
+            per = (staged.select_columns(["source", "reason", "n_chars", *(f"pii_{t}" for t in PII_TYPES)])
+                   .map_batches(lambda t: t.set_column(1, "reason", pc.fill_null(t["reason"], "")), batch_format="pyarrow")
+                   .groupby(["source", "reason"])
+                   .aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars"),
+                              *(Sum(f"pii_{t}", alias_name=t) for t in PII_TYPES)).take_all())
+            info.update(rows=sum(g["n"] for g in per), bytes=sum(g["chars"] or 0 for g in per))
+        read_per_source = {s.name: 0 for s in d.sources}
+        dropped: dict[str, int] = {}
+        for g in per:
+            read_per_source[g["source"]] = read_per_source.get(g["source"], 0) + g["n"]
+            if g["reason"]:
+                dropped[g["reason"]] = dropped.get(g["reason"], 0) + g["n"]
+        n_kept = sum(g["n"] for g in per if not g["reason"])
+        kept_chars = sum(g["chars"] or 0 for g in per if not g["reason"])
+        if not n_kept:
+            raise RuntimeError(f"the corpus is empty: no documents left after cleaning (dropped by reason: "
+                               f"{dict(sorted(dropped.items()))})")
+
+        with progress.stage("rejected (clean)"):
+            write_staged(staged.map_batches(_dropped_rows, fn_kwargs={"extra": extra},
+                                            batch_format="pyarrow"), work / "rejected")
+
+        # -- dedup over (key, doc_id) pairs; drops written as Parquet, never listed on the driver
+        dups = {"exact": 0, "near": 0, "clusters": 0, "cluster_sizes": {}}
+        kept = staged.map_batches(where("reason", None), batch_format="pyarrow")
+        docs_cols = DOC_COLUMNS + extra + ["n_chars"]
+        with progress.stage("dedup") as info:
+            if d.clean.dedup != "none":
+                (stage_dir / "drops").mkdir()
+                dups = find_duplicates(kept, d.clean, n_kept, stage_dir / "drops" / "drops.parquet")
+            info.update(rows=n_kept, bytes=kept_chars)
+        with progress.stage("split") as info:
+            docs = kept.select_columns(docs_cols)
+            if dups["exact"] + dups["near"]:
+                buckets = max(1, -(-kept_chars // BUCKET_CHARS))
+                docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
+                schema = docs.schema().base_schema
+                markers = read_staged(stage_dir / "drops", ["doc_id", "reason"]).map_batches(
+                    as_marker, fn_kwargs={"schema": schema}, batch_format="pyarrow")
+                docs = (docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+                        .groupby("bucket", num_partitions=buckets).map_groups(resolve_drops, batch_format="pyarrow"))
+            else:
+                docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
+            write_staged(docs.map_batches(with_split, fn_kwargs={"fractions": fractions, "seed": seed}, batch_format="pyarrow"),
+                         stage_dir / "docs")
+            docs = read_staged(stage_dir / "docs")
+            write_staged(docs.map_batches(_dropped_rows, fn_kwargs={"extra": extra}, batch_format="pyarrow"), work / "rejected")
+            kept_docs = docs.map_batches(where("reason", None), batch_format="pyarrow")
+            # per-document audit trail: which split each kept document went to
+            write_staged(kept_docs.select_columns(["doc_id", "split"]), work / "documents.parquet")
+            per_split = (kept_docs.select_columns(["split", "source", "n_chars"]).groupby(["split", "source"])
+                         .aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars")).take_all())
+            info.update(rows=n_kept, bytes=kept_chars)
+        split_docs = {s: sum(g["n"] for g in per_split if g["split"] == s) for s in SPLITS}
+        split_chars = {s: sum(g["chars"] or 0 for g in per_split if g["split"] == s) for s in SPLITS}
+        kept_per_source = {}
+        for g in per_split:
+            kept_per_source[g["source"]] = kept_per_source.get(g["source"], 0) + g["n"]
+        for s in SPLITS:  # found before any tokenizing: a split the config asks for must get documents
+            if fractions[s] > 0 and not split_docs[s]:
+                raise EmptySplitError(f"data.split.{s}", f"fraction {fractions[s]:g} but no documents landed in it "
+                                      f"({sum(split_docs.values())} kept documents); add documents or set it to 0")
+        label_map = None
         if task == "classification":
-            cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
-        cleaned = cleaned.materialize()
-        meta = cleaned.select_columns(["doc_id", "source", "reason", "label", *(f"pii_{t}" for t in PII_TYPES)]).to_arrow_refs()
-        meta = pa.concat_tables(ray.get(meta)).to_pydict()
-        kept_ids = [i for i, r in zip(meta["doc_id"], meta["reason"]) if r is None]
-        if not kept_ids:
-            raise RuntimeError(f"no documents left after cleaning (dropped: {dict(Counter(meta['reason']))})")
-        kept = cleaned.map_batches(lambda t: t.filter(pc.is_null(t["reason"])), batch_format="pyarrow")
+            labels = [r["label"] for r in kept_docs.select_columns(["label"]).groupby("label").count().take_all()]
+            label_map = label_ids(labels)
 
-        # -- dedup: exact first (cheap), then near on the survivors
-        exact, near = set(), set()
-        if d.clean.dedup in ("exact", "near"):
-            exact = exact_duplicates(kept)
-            kept = kept.map_batches(drop_ids, fn_kwargs={"ids": sorted(exact)}, batch_format="pyarrow") if exact else kept
-        if d.clean.dedup == "near":
-            near = near_duplicates(kept, d.clean)
-            kept = kept.map_batches(drop_ids, fn_kwargs={"ids": sorted(near)}, batch_format="pyarrow") if near else kept
-        kept_ids = sorted(set(kept_ids) - exact - near)
+        # -- tokenizer: a bounded, seeded sample of the train split, streamed to the trainer
+        sample = {"bytes": 0, "documents": 0}
+        with progress.stage("tokenizer") as info:
+            def train_texts():
+                fraction = min(1.0, d.tokenizer.train.sample_bytes / max(1, split_chars["train"])) if d.tokenizer.train else 1.0
+                part = kept_docs.map_batches(where("split", "train"), batch_format="pyarrow")
+                part = part.map_batches(in_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow")
+                for b in part.select_columns(["text"]).iter_batches(batch_format="pyarrow", batch_size=256):
+                    for text in b["text"].to_pylist():
+                        sample["documents"] += 1
+                        sample["bytes"] += len(text.encode())
+                        yield text
 
-        # -- split documents (before tokenizing or packing: no document straddles two splits)
-        split_of = assign_splits(kept_ids, d.split.model_dump(), cfg.seed)
-        group_of = pack_groups(split_of, d.shards_per_split)
-        assignment = {doc: (split_of[doc], group_of[doc]) for doc in kept_ids}
-        docs = kept.select_columns(["doc_id", "source", "text", "label"]).map_batches(
-            annotate, fn_kwargs={"assignment": assignment}, batch_format="pyarrow").materialize()
-        label_of = dict(zip(meta["doc_id"], meta["label"]))
-        label_map = label_ids([label_of[i] for i in kept_ids]) if task == "classification" else None
+            tok = build_tokenizer(cfg, train_texts, work / "tokenizer")
+            info.update(rows=sample["documents"], bytes=sample["bytes"])
 
-        # -- tokenizer, on the train split only
-        def train_texts():
-            for b in in_split(docs, "train").iter_batches(batch_format="pyarrow", batch_size=256):
-                yield from b["text"].to_pylist()
-
-        tok = build_tokenizer(cfg, train_texts, work / "tokenizer")
-
-        # -- tokenize, pack, write each split
+        # -- tokenize, shuffle, pack, write each split
         splits = {}
         for split in SPLITS:
-            part = in_split(docs, split)
-            n_docs = sum(1 for s in split_of.values() if s == split)
-            if task == "classification":
-                rows = part.map_batches(tokenize_classification, batch_format="pyarrow", batch_size=256, fn_kwargs={
-                    "tokenizer": tok, "block_size": block, "label_map": label_map})
-                rows = rows.select_columns(["input_ids", "attention_mask", "label", "n_tokens"]).materialize()
-                tokens = int(rows.sum("n_tokens") or 0) if rows.count() else 0
-                rows = rows.drop_columns(["n_tokens"])
-            else:
-                ids = part.map_batches(tokenize_lm, batch_format="pyarrow", batch_size=64,
-                                       fn_kwargs={"tokenizer": tok, "task": task})
-                rows = (ids.groupby("pack_group", num_partitions=4).map_groups(pack_group, fn_kwargs={"block_size": block}, batch_format="pyarrow")
-                        .sort(["pack_group", "seq"]).select_columns(["input_ids"]).materialize())
-                tokens = rows.count() * block
-            n_rows = rows.count()
-            out = shard_dir(cfg, work, split)  # the run's temp dir, or the object store itself
-            if n_rows:
-                shards = write_shards(rows, out, split, min(d.shards_per_split, n_rows))
-            else:  # an empty split still has one (empty) shard with the schema, so readers need no special case
+            with progress.stage(f"tokenize+pack {split}") as info:
+                part = kept_docs.map_batches(where("split", split), batch_format="pyarrow").select_columns(["doc_id", "text", "label"])
+                groups = num_groups(split_chars[split])
+                if task == "classification":
+                    rows = shuffled_rows(part, tokenize_classification, {"tokenizer": tok, "block_size": block,
+                                         "label_map": label_map, "seed": seed}, groups, order_group, {})
+                else:
+                    rows = shuffled_rows(part, tokenize_lm, {"tokenizer": tok, "task": task, "seed": seed}, groups,
+                                         pack_group, {"block_size": block})
+                out = shard_dir(cfg, work, split)  # the run's temp dir, or the object store itself
+                shards = write_shards(rows, out, split, d.shards_per_split)
                 fs, path = resolve_storage(out)
-                fs.create_dir(path)
-                pq.write_table(SHARD_SCHEMAS[task == "classification"].empty_table(), f"{path}/{split}-00000.parquet",
-                               filesystem=fs)
-                shards = [f"{split}-00000.parquet"]
-            splits[split] = {"documents": n_docs, "tokens": tokens, "rows": n_rows, "shards": len(shards)}
+                n_rows = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
+                if fractions[split] > 0 and not n_rows:
+                    raise EmptySplitError(f"data.split.{split}", f"{split_docs[split]} documents but not one block of "
+                                          f"{block} tokens; add documents, lower data.block_size, or set it to 0")
+                if not shards:  # an empty split still has one (empty) shard with the schema
+                    fs.create_dir(path)
+                    pq.write_table(SHARD_SCHEMAS[task == "classification"].empty_table(), f"{path}/{split}-00000.parquet",
+                                   filesystem=fs)
+                    shards = [f"{split}-00000.parquet"]
+                if task == "classification":
+                    tokens = int(ray.data.read_parquet(str(out), columns=["attention_mask"]).map_batches(
+                        _mask_tokens, batch_format="pyarrow").sum("n") or 0) if n_rows else 0
+                else:
+                    tokens = n_rows * block
+                splits[split] = {"documents": split_docs[split], "tokens": tokens, "rows": n_rows, "shards": len(shards)}
+                info.update(rows=split_docs[split], bytes=split_chars[split])
 
-        # -- per-document audit trail: which split each kept document went to
-        pq.write_table(pa.table({"doc_id": kept_ids, "split": [split_of[i] for i in kept_ids]}), work / "documents.parquet")
-
-        read_per_source = Counter(meta["source"])
-        kept_set = set(kept_ids)
-        kept_per_source = Counter(s for i, s in zip(meta["doc_id"], meta["source"]) if i in kept_set)
         manifest = {
             "task": task,
             "block_size": block,
@@ -217,13 +271,16 @@ def _prepare(cfg: Config) -> dict:
             "sources": [{"name": s.name, "format": s.format or ("builtin" if s.builtin else "hf_dataset"),
                          "documents_read": read_per_source.get(s.name, 0), "documents_kept": kept_per_source.get(s.name, 0)}
                         for s in d.sources],
-            "documents_read": len(meta["doc_id"]),
-            "documents_kept": len(kept_ids),
-            "dropped": dict(sorted(Counter(r for r in meta["reason"] if r is not None).items())),
-            "duplicates": {"exact": len(exact), "near": len(near)},
-            "pii": {t: int(sum(meta[f"pii_{t}"])) for t in PII_TYPES},
-            "quality": quality_summary(cleaned, d.quality),  # per rule: drops by source/language, examples
-            "config": cfg.model_dump(mode="json"),
+            "documents_read": sum(read_per_source.values()),
+            "documents_kept": sum(split_docs.values()),
+            "dropped": dict(sorted({**dropped, **{f"{k}_duplicate": v for k, v in (("exact", dups["exact"]), ("near", dups["near"])) if v}}.items())),
+            "duplicates": {"exact": dups["exact"], "near": dups["near"], "clusters": dups["clusters"],
+                           "cluster_sizes": dups["cluster_sizes"]},
+            "pii": {t: int(sum(g[t] or 0 for g in per)) for t in PII_TYPES},
+            "quality": quality_summary(staged, d.quality),  # per rule: drops by source/language, examples
+            "tokenizer_sample": sample,
+            "stages_s": progress.stages,
+            "config": cfg.public_dump(),  # ${ENV} values stay references, never their values
             "config_hash": cfg.config_hash(),
             "versions": versions(),
             "wall_time_s": round(time.time() - start, 2),
