@@ -32,6 +32,12 @@ TASK_ROUTES = {task: route for route, task in ROUTE_TASKS.items()}
 ERROR_TYPES: dict[int, str] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                                405: "invalid_request_error", 413: "request_too_large", 503: "overloaded_error"}
 OPEN_PATHS = ("/healthz",)  # reachable without the API key (load balancer probes)
+# caps on one request's work, beyond the body-size cap: a single request must not be able to exhaust a replica
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CHOICES = 64  # prompts x n sequences generated for one request
+MAX_MESSAGES = 256  # chat messages in one request
+MAX_JSON_DEPTH = 32  # nesting of arrays/objects in a request body
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -48,7 +54,7 @@ class CompletionRequest(ApiRequest):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
 
@@ -58,6 +64,50 @@ class CompletionRequest(ApiRequest):
         if isinstance(v, bool):
             raise ValueError("must be an integer")
         return v
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top alternatives per token")
+    echo: StrictBool = False
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _int_logprobs(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"must be an integer from 0 to {MAX_TOP_LOGPROBS}")
+        return v
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class EmbeddingRequest(ApiRequest):
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=256)]
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class ClassifyRequest(ApiRequest):
@@ -71,13 +121,23 @@ class FillMaskRequest(ApiRequest):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str | None = None):
+    def __init__(self, status: int, message: str, type_: str | None = None, param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type_ or ERROR_TYPES.get(status, "invalid_request_error")
+        self.param, self.code = param, code
 
 
-def error_response(status: int, message: str, type_: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_ or ERROR_TYPES.get(status, "invalid_request_error")}},
+# error types that are specific enough to be OpenAI's `code` as well
+ERROR_CODES = {"context_length_exceeded", "model_not_found", "request_too_large"}
+
+
+def error_response(status: int, message: str, type_: str | None = None, headers: dict | None = None,
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
+    type_ = type_ or ERROR_TYPES.get(status, "invalid_request_error")
+    code = code or (type_ if type_ in ERROR_CODES else None)
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
@@ -85,28 +145,93 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def load_api_keys(api_key_env: str | None, api_keys_env: str | None) -> list[str]:
+    """The accepted API keys: `serve.api_key_env` (a variable holding one key) and `serve.api_keys_env` (a variable
+    holding keys one per line, or a file path: one key per line; blank lines and `#` comments ignored). Raises
+    ConfigError naming the key when a source is missing or holds no key; the keys themselves are never echoed."""
+    import os
+
+    from raylm.config import ConfigError
+
+    keys: list[str] = []
+    if api_key_env:
+        if not os.environ.get(api_key_env, "").strip():
+            raise ConfigError("serve.api_key_env", f"environment variable {api_key_env} is not set")
+        keys.append(os.environ[api_key_env].strip())
+    if api_keys_env:
+        if "/" in api_keys_env or api_keys_env.startswith("~"):
+            path = os.path.expanduser(api_keys_env)
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError("serve.api_keys_env", f"cannot read the key file {api_keys_env}: {e.strerror}") from None
+        elif api_keys_env in os.environ:
+            text = os.environ[api_keys_env]
+        else:
+            raise ConfigError("serve.api_keys_env", f"environment variable {api_keys_env} is not set")
+        found = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not found:
+            raise ConfigError("serve.api_keys_env", f"{api_keys_env} holds no key (one per line)")
+        keys += found
+    return keys
+
+
+def key_matches(token: str, digests: list[bytes]) -> bool:
+    """Constant time in the token and in which key matched: every digest is compared, no early exit."""
+    seen = key_digest(token)
+    ok = False
+    for d in digests:
+        ok |= hmac.compare_digest(seen, d)
+    return ok
+
+
+def json_problem(body: bytes) -> str | None:
+    """Why a JSON request body is refused before FastAPI parses it: bytes that are not UTF-8, nesting deeper than
+    MAX_JSON_DEPTH, NaN/Infinity (not JSON, though Python's parser takes them), or invalid JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"request body is not UTF-8 text (invalid byte at offset {e.start})"
+    brackets = re.sub(r"[^\[\]{}]", "", re.sub(r'"(?:[^"\\]|\\.)*"', "", text))
+    depth = deepest = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        return f"request body nests {deepest} levels deep; the limit is {MAX_JSON_DEPTH}"
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError) as e:
+        return f"request body is not valid JSON: {e}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------- middleware
-class _BodyTooLarge(Exception):
-    pass
-
-
 class GuardMiddleware:
-    """Pure ASGI: Bearer auth (constant-time), body-size cap (413), and JSON bodies sent as forms (curl -d)."""
+    """Pure ASGI: Bearer auth (constant-time, any of several keys), body-size cap (413, chunked bodies too),
+    JSON bodies sent as forms (curl -d), and JSON the API refuses before parsing (non-UTF-8, NaN, deep nesting).
+    Bodies are never logged unless `log_bodies` (prompts may hold secrets)."""
 
-    def __init__(self, app, max_bytes: int, digest: bytes | None):
-        self.app, self.max_bytes, self.digest = app, max_bytes, digest
+    def __init__(self, app, max_bytes: int, digests: list[bytes] | None, log_bodies: bool = False):
+        self.app, self.max_bytes, self.digests, self.log_bodies = app, max_bytes, digests, log_bodies
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) or "/"
         headers = {k.lower(): v for k, v in scope["headers"]}
-        if self.digest is not None and path not in OPEN_PATHS:
+        if self.digests and path not in OPEN_PATHS:
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             # compare digests of equal length in constant time; the key itself is never logged or echoed
-            if scheme.lower() != "bearer" or not hmac.compare_digest(key_digest(token.strip()), self.digest):
+            if scheme.lower() != "bearer" or not key_matches(token.strip(), self.digests):
                 return await error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                                            headers={"WWW-Authenticate": "Bearer"},
+                                            code="invalid_api_key")(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
@@ -115,36 +240,53 @@ class GuardMiddleware:
             # `curl -d '{...}'` labels JSON as a form: a JSON API reads it as the JSON it is
             scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
                          + [(b"content-type", b"application/json")])
-        seen, started = 0, False
-
-        async def counted_receive():
-            nonlocal seen
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # read the whole body first (up to the cap), so an oversized chunked body is a 413 before any route runs
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return await error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        content_type = dict((k.lower(), v) for k, v in scope["headers"]).get(b"content-type", b"")
+        if content_type.split(b";")[0].strip() == b"application/json":
+            problem = json_problem(body)
+            if problem:
+                return await error_response(400, problem)(scope, receive, send)
+        if self.log_bodies:  # opt-in (serve.log_request_bodies): prompts can carry personal data or secrets
+            log.info("request %s %s body: %s", scope["method"], path, body[:2000].decode("utf-8", "replace"))
+        replayed = False
 
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as Starlette expects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+        await self.app(scope, replay, send)
+
+
+def validation_param(exc: RequestValidationError) -> str | None:
+    """The request field an error concerns (OpenAI's `param`), e.g. `prompt` or `messages.0.role`."""
+    loc = [str(p) for p in exc.errors()[0].get("loc", ()) if p != "body"]
+    # drop pydantic's union-member names (e.g. "str", "list[str]") from the location
+    loc = [p for p in loc if not p.startswith(("list[", "str", "function-", "int", "constrained"))]
+    return ".".join(loc) or None
 
 
 def validation_message(exc: RequestValidationError) -> str:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    # drop pydantic's union-member names (e.g. "str", "list[str]") from the location
-    loc = ".".join(p for p in loc.split(".") if not p.startswith(("list[", "str", "function-", "int", "constrained")))
+    loc = validation_param(exc)
     return f"{loc}: {err['msg']}" if loc else err["msg"]
 
 
@@ -156,7 +298,7 @@ class Ingress:
 
     def __init__(self, model, name: str, model_dir: str, task: str | None = None, max_prompt_tokens: int = 1024,
                  max_new_tokens: int = 256, max_request_bytes: int = 1_000_000, api_key_sha256: str | None = None,
-                 api_key_env: str | None = None):
+                 api_key_env: str | None = None, api_keys_env: str | None = None, log_request_bodies: bool = False):
         import os
 
         from raylm.storage import materialize
@@ -169,12 +311,12 @@ class Ingress:
         self.context = context_length(model_dir)
         self.max_prompt_tokens, self.max_new_tokens, self.max_request_bytes = (
             max_prompt_tokens, max_new_tokens, max_request_bytes)
-        self.digest: bytes | None = bytes.fromhex(api_key_sha256) if api_key_sha256 else None
-        if self.digest is None and api_key_env:
-            # on a cluster (serveConfigV2) the key reaches replicas as an env var, e.g. from a Kubernetes Secret
-            if not os.environ.get(api_key_env):
-                raise RuntimeError(f"serve.api_key_env: environment variable {api_key_env} is not set on this node")
-            self.digest = key_digest(os.environ[api_key_env])
+        self.log_request_bodies = log_request_bodies
+        # digests of the accepted keys, comma-separated, from the driver; else (serveConfigV2 on a cluster) the keys
+        # reach replicas as env vars or a mounted file, e.g. from a Kubernetes Secret
+        self.digests: list[bytes] = [bytes.fromhex(h) for h in (api_key_sha256 or "").split(",") if h]
+        if not self.digests and (api_key_env or api_keys_env):
+            self.digests = [key_digest(k) for k in load_api_keys(api_key_env, api_keys_env)]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -221,15 +363,16 @@ def build_api(ingress: Ingress) -> FastAPI:
     """The FastAPI app of one ingress replica (built on the replica, so it closes over its settings)."""
     app = FastAPI(title="raylm", description=f"Serving {ingress.name} ({ingress.task}) on Ray Serve",
                   version="0.1.0")
-    app.add_middleware(GuardMiddleware, max_bytes=ingress.max_request_bytes, digest=ingress.digest)
+    app.add_middleware(GuardMiddleware, max_bytes=ingress.max_request_bytes, digests=ingress.digests,
+                       log_bodies=ingress.log_request_bodies)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type)
+        return error_response(exc.status, exc.message, exc.type, param=exc.param, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(400, validation_message(exc))
+        return error_response(400, validation_message(exc), param=validation_param(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
