@@ -64,19 +64,18 @@ def serve(cfg: Config, model_dir: str | os.PathLike | None = None, blocking: boo
     """Deploy the model (Ray already initialized) and return its base URL; with `blocking`, serve until Ctrl-C."""
     from ray import serve as ray_serve
 
-    from raylm.serve.api import key_digest
+    from raylm.serve.api import key_digest, load_api_keys
     from raylm.serve.app import build_app
     from raylm.serve.model import model_task
 
     path = resolve_model_dir(cfg, model_dir)
     args = app_args(cfg, path)
-    if cfg.serve.api_key_env:
-        key = os.environ.get(cfg.serve.api_key_env)
-        if not key:
-            raise ConfigError("serve.api_key_env", f"environment variable {cfg.serve.api_key_env} is not set")
-        args["api_key_sha256"] = key_digest(key).hex()  # replicas get a digest, never the key
+    keys = load_api_keys(cfg.serve.api_key_env, cfg.serve.api_keys_env)  # ConfigError naming the key if missing
+    if keys:
+        args["api_key_sha256"] = ",".join(key_digest(k).hex() for k in keys)  # replicas get digests, never a key
     # the HTTP port is fixed per Serve instance: a running instance keeps its own (see `base_url`)
-    ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                                  "request_timeout_s": cfg.serve.request_timeout_s})
     started = time.perf_counter()
     ray_serve.run(build_app(args), name=cfg.name, route_prefix=cfg.serve.route_prefix, blocking=False)
     url = base_url(cfg)

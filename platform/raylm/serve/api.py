@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Annotated, Any
@@ -48,7 +49,7 @@ class ApiRequest(BaseModel):
 
 
 class CompletionRequest(ApiRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -64,50 +65,6 @@ class CompletionRequest(ApiRequest):
         if isinstance(v, bool):
             raise ValueError("must be an integer")
         return v
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top alternatives per token")
-    echo: StrictBool = False
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _int_logprobs(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            raise ValueError(f"must be an integer from 0 to {MAX_TOP_LOGPROBS}")
-        return v
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ChatRequest(SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: StrictBool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-
-
-class EmbeddingRequest(ApiRequest):
-    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                            Field(min_length=1, max_length=256)]
-    encoding_format: Literal["float", "base64"] = "float"
 
 
 class ClassifyRequest(ApiRequest):
@@ -343,6 +300,9 @@ class Ingress:
         if body.max_tokens > self.max_new_tokens:
             raise ApiError(400, f"max_tokens={body.max_tokens} is over the limit max_new_tokens={self.max_new_tokens}")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) * body.n > MAX_CHOICES:  # one request must not occupy a replica with hundreds of sequences
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} sequences; "
+                                f"the limit is {MAX_CHOICES} per request", param="n")
         counts = self.count_tokens(prompts, "prompt")
         start = self.tokenizer.bos_token or self.tokenizer.eos_token or ""
         # an empty prompt starts from the document separator, as OpenAI's models do

@@ -34,4 +34,5 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=1000,  # the ingress only awaits the model; backpressure lives on the model replicas
         ray_actor_options={"num_cpus": 0},
     ).bind(model, name, model_dir, args.get("task"), settings.max_prompt_tokens, settings.max_new_tokens,
-           settings.max_request_bytes, args.get("api_key_sha256"), settings.api_key_env)
+           settings.max_request_bytes, args.get("api_key_sha256"), settings.api_key_env,
+           settings.api_keys_env, settings.log_request_bodies)
