@@ -84,3 +84,7 @@ def prepared_cls(ray_session, tmp_path_factory, minilm_path):
     ])
     prepare(cfg)
     return cfg
+
+
+# ------------------------------------------------- Serve apps shared by test_serve and test_openai (session fixtures)
+from serve_apps import minilm_task_dirs, served, tiny_gpt2_dir, tiny_gpt2_no_chat_dir  # noqa: E402,F401

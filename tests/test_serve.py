@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,102 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from raylm.config import validate_config
-
-API_KEY = "sk-test-7f3a9c-not-a-real-key"
-CORPUS = ("def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. " * 40
-          + "Python is a programming language that lets you work quickly. " * 40)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def save_tiny_gpt2(out: Path) -> Path:
-    """A random 2-layer GPT-2 (d 64) with a byte-level BPE tokenizer trained on a few KB, saved HF-style."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                     unk_token="<|endoftext|>")
-    hf_tok.save_pretrained(out)
-    torch.manual_seed(0)
-    eos = hf_tok.eos_token_id
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(hf_tok), n_positions=128, n_embd=64, n_layer=2, n_head=2,
-                                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-@pytest.fixture(scope="session")
-def minilm_task_dirs(tmp_path_factory, minilm_path) -> dict[str, Path]:
-    """The real MiniLM checkpoint with a (random) classification head and with its MLM head."""
-    from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
-
-    dirs = {}
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    for task, cls, kw in (("classification", BertForSequenceClassification,
-                           {"num_labels": 3, "id2label": {0: "neg", 1: "neu", 2: "pos"},
-                            "label2id": {"neg": 0, "neu": 1, "pos": 2}}),
-                          ("masked_lm", BertForMaskedLM, {})):
-        out = tmp_path_factory.mktemp(task)
-        cls.from_pretrained(minilm_path, **kw).save_pretrained(out)
-        tok.save_pretrained(out)
-        dirs[task] = out
-    return dirs
-
-
-def make_cfg(name: str, port: int, prefix: str, **serve) -> "Config":  # noqa: F821
-    return validate_config({"name": name, "output_dir": f"/tmp/raylm-serve-test/{name}",
-                            "serve": {"port": port, "route_prefix": prefix, "num_cpus_per_replica": 0.25,
-                                      "autoscaling": {"min_replicas": 1, "max_replicas": 1}, **serve}})
-
-
-@pytest.fixture(scope="module")
-def served(ray_session, tiny_gpt2_dir, minilm_task_dirs, monkeypatch_module):
-    """Three applications on one Serve instance: a causal LM (with an API key), a classifier, a masked LM."""
-    from ray import serve as ray_serve
-
-    from raylm.serve import serve
-
-    port = free_port()
-    monkeypatch_module.setenv("RAYLM_TEST_KEY", API_KEY)
-    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
-    urls = {
-        "gpt": serve(make_cfg("tinygpt", port, "/gpt", api_key_env="RAYLM_TEST_KEY", max_new_tokens=64,
-                              max_prompt_tokens=100, max_request_bytes=4096),
-                     model_dir=tiny_gpt2_dir, blocking=False),
-        "cls": serve(make_cfg("tinycls", port, "/cls", max_batch_size=8, batch_wait_timeout_s=0.2),
-                     model_dir=minilm_task_dirs["classification"], blocking=False),
-        "mlm": serve(make_cfg("tinymlm", port, "/mlm"), model_dir=minilm_task_dirs["masked_lm"], blocking=False),
-    }
-    yield {**urls, "port": port}
-    for name in ("tinygpt", "tinycls", "tinymlm"):
-        ray_serve.delete(name)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
+from serve_apps import API_KEY, AUTH, make_cfg, save_tiny_gpt2  # noqa: F401 (bench/ imports the builder from here)
 
 
 def post(url: str, body, headers=None, **kw) -> httpx.Response:
@@ -243,7 +147,7 @@ def replicas(app: str) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_autoscaling_rises_under_load_and_returns(served, tiny_gpt2_dir):
+def test_autoscaling_rises_under_load_and_returns(served, tiny_gpt2_no_chat_dir):
     from ray import serve as ray_serve
 
     from raylm.serve import serve
@@ -252,9 +156,13 @@ def test_autoscaling_rises_under_load_and_returns(served, tiny_gpt2_dir):
                    autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2},
                    max_batch_size=1)
-    url = serve(cfg, model_dir=tiny_gpt2_dir, blocking=False)
+    url = serve(cfg, model_dir=tiny_gpt2_no_chat_dir, blocking=False)
     try:
         assert replicas("scaled") == 1
+        # a causal LM without a chat template: chat is refused with a 400 that names what is missing
+        err = assert_error(httpx.post(f"{url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}]}, timeout=60), 400)
+        assert "chat_template" in err["message"]
         peak, stop_at = 1, time.time() + 90
 
         def client(_):

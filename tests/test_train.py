@@ -81,11 +81,16 @@ def test_worker_crash_resumes_from_checkpoint(lm_run, tmp_path_factory, monkeypa
     _, reference = lm_run
     root = build_lm_workspace(tmp_path_factory.mktemp("lm_fault"))
     monkeypatch.setenv("RAYLM_FAULT_AT_STEP", "15")
-    summary = train(lm_cfg(root, "train.max_failures=1"))
+    summary = train(lm_cfg(root, "train.max_failures=1", "train.tracking=[tensorboard, mlflow]"))
     assert summary["resumed_from"] == [10]  # not restarted from 0
     assert summary["steps"] == 30
     final, ref = summary["evals"][-1]["val_loss"], reference["evals"][-1]["val_loss"]
     assert abs(final - ref) < 0.1 * ref, (final, ref)
+    # train.tracking across the restart: one TensorBoard run and one MLflow run, read back with their own readers
+    from tracking_checks import assert_tracked_train_run
+
+    assert_tracked_train_run(root, "raylm", summary, log_steps=[5, 10, 15, 20, 25, 30], eval_steps=[10, 20, 30],
+                             params={"train.lr": "0.003", "train.max_failures": "1"})
 
 
 @pytest.mark.timeout(900)

@@ -363,6 +363,9 @@ class TrainCfg(Strict):
         "val_loss", description="validation metric that picks the best checkpoint (exported) and drives early stopping")
     mode: Literal["min", "max"] = Field("min", description="whether a lower or higher `metric` is better")
     compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="offline experiment tracking under output_dir/tracking/ (rank 0): "
+                                          "TensorBoard event files, an MLflow run in a SQLite store")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainCfg":

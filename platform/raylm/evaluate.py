@@ -368,6 +368,7 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     """Scores the model on the test split; writes metrics.json, report.md and plots/*.png."""
     import ray
 
+    from raylm.modelcard import write_model_card
     from raylm.report import write_report
 
     start = time.time()
@@ -399,5 +400,6 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     metrics["wall_time_s"] = round(time.time() - start, 2)
     write_json_atomic(cfg.uri("metrics.json"), metrics)
     write_report(cfg, metrics, model_dir)
+    write_model_card(cfg, model_dir, metrics)  # model/README.md: the metrics now exist
     log.info("evaluate: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics

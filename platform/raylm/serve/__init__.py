@@ -56,6 +56,7 @@ def curl_line(cfg: Config, task: str) -> str:
         "causal_lm": ("/v1/completions", f'{{"model": "{cfg.name}", "prompt": "def ", "max_tokens": 20}}'),
         "classification": ("/v1/classify", '{"inputs": ["This is great."]}'),
         "masked_lm": ("/v1/fill-mask", '{"inputs": ["Paris is the [MASK] of France."]}'),
+        "embedding": ("/v1/embeddings", '{"input": ["A sentence to embed."]}'),
     }[task]
     return f"curl -s {base_url(cfg)}{route}{auth} -H 'Content-Type: application/json' -d '{body}'"
 

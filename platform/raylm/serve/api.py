@@ -1,4 +1,5 @@
-"""The HTTP ingress: a FastAPI app (OpenAI-compatible completions, classify, fill-mask) in front of ModelServer.
+"""The HTTP ingress: a FastAPI app (OpenAI-compatible completions, chat, embeddings; classify, fill-mask) in front
+of ModelServer.
 
 Every client mistake becomes a 4xx `{"error": {"message", "type"}}`; limits, auth and the body-size cap are
 checked here so the model replicas only ever see valid work.
@@ -6,6 +7,7 @@ checked here so the model replicas only ever see valid work.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -13,7 +15,9 @@ import logging
 import re
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+
+import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,14 +26,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from raylm.serve.model import context_length, load_tokenizer, model_task
+from raylm.serve.engine import MAX_TOP_LOGPROBS
+from raylm.serve.model import ENCODER_TASKS, context_length, load_tokenizer, model_task
 
 log = logging.getLogger("ray.serve")
 
-# route -> the task it needs; a mismatch is a 400 that names the served task and its route
-ROUTE_TASKS: dict[str, str] = {"/v1/completions": "causal_lm", "/v1/classify": "classification",
-                               "/v1/fill-mask": "masked_lm"}
-TASK_ROUTES = {task: route for route, task in ROUTE_TASKS.items()}
+# route -> the tasks it serves; a mismatch is a 400 that names the served task and its route
+ROUTE_TASKS: dict[str, tuple[str, ...]] = {"/v1/completions": ("causal_lm",), "/v1/chat/completions": ("causal_lm",),
+                                           "/v1/classify": ("classification",), "/v1/fill-mask": ("masked_lm",),
+                                           "/v1/embeddings": ENCODER_TASKS}
+# task -> its main route (named in errors and /healthz)
+TASK_ROUTES = {"causal_lm": "/v1/completions", "classification": "/v1/classify", "masked_lm": "/v1/fill-mask",
+               "embedding": "/v1/embeddings"}
 ERROR_TYPES: dict[int, str] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                                405: "invalid_request_error", 413: "request_too_large", 503: "overloaded_error"}
 OPEN_PATHS = ("/healthz",)  # reachable without the API key (load balancer probes)
@@ -48,9 +56,10 @@ class ApiRequest(BaseModel):
     model: str | None = None
 
 
-class CompletionRequest(ApiRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int = Field(16, ge=1)
+class SamplingRequest(ApiRequest):
+    """What completions and chat share: sampling, stop sequences, choices, streaming."""
+
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
@@ -65,6 +74,50 @@ class CompletionRequest(ApiRequest):
         if isinstance(v, bool):
             raise ValueError("must be an integer")
         return v
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top alternatives per token")
+    echo: StrictBool = False
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _int_logprobs(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"must be an integer from 0 to {MAX_TOP_LOGPROBS}")
+        return v
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class EmbeddingRequest(ApiRequest):
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=256)]
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class ClassifyRequest(ApiRequest):
@@ -280,9 +333,9 @@ class Ingress:
 
     # -------------------------------------------------------------------------------------- checks
     def check(self, route: str, model: str | None) -> None:
-        if ROUTE_TASKS[route] != self.task:
-            raise ApiError(400, f"{route} needs a {ROUTE_TASKS[route]} model; this server serves {self.name!r}, "
-                                f"a {self.task} model: use {TASK_ROUTES[self.task]}")
+        if self.task not in ROUTE_TASKS[route]:
+            raise ApiError(400, f"{route} needs a {' or '.join(ROUTE_TASKS[route])} model; this server serves "
+                                f"{self.name!r}, a {self.task} model: use {TASK_ROUTES[self.task]}")
         if model is not None and model != self.name:
             raise ApiError(404, f"model {model!r} is not served here; the served model is {self.name!r}",
                            "model_not_found")
@@ -297,17 +350,36 @@ class Ingress:
 
     def completion_job(self, body: CompletionRequest) -> dict:
         self.check("/v1/completions", body.model)
-        if body.max_tokens > self.max_new_tokens:
-            raise ApiError(400, f"max_tokens={body.max_tokens} is over the limit max_new_tokens={self.max_new_tokens}")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        job = self.generation_job(body, prompts, body.max_tokens, "prompt")
+        return {**job, "top_logprobs": body.logprobs, "echo": body.echo}
+
+    def chat_job(self, body: ChatRequest) -> dict:
+        self.check("/v1/chat/completions", body.model)
+        if not self.tokenizer.chat_template:
+            raise ApiError(400, f"model {self.name!r} has no chat_template in its tokenizer files: set "
+                                "model.chat_template and export it again, or use /v1/completions")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template may reject a conversation (e.g. roles out of order)
+            raise ApiError(400, f"messages: the model's chat_template rejected them: {e}") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.max_new_tokens
+        job = self.generation_job(body, [prompt], max_tokens, "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        # the template writes the special tokens itself
+        return {**job, "top_logprobs": top, "echo": False, "add_special_tokens": False}
+
+    def generation_job(self, body: SamplingRequest, prompts: list[str], max_tokens: int, what: str) -> dict:
         if len(prompts) * body.n > MAX_CHOICES:  # one request must not occupy a replica with hundreds of sequences
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} sequences; "
                                 f"the limit is {MAX_CHOICES} per request", param="n")
-        counts = self.count_tokens(prompts, "prompt")
+        if max_tokens > self.max_new_tokens:
+            raise ApiError(400, f"max_tokens={max_tokens} is over the limit max_new_tokens={self.max_new_tokens}")
+        counts = self.count_tokens(prompts, what)
         start = self.tokenizer.bos_token or self.tokenizer.eos_token or ""
         # an empty prompt starts from the document separator, as OpenAI's models do
         prompts = [p if n else start for p, n in zip(prompts, counts)]
-        max_tokens = body.max_tokens
         if self.context is not None:
             longest = max(max(counts), 1)
             if longest >= self.context:
@@ -317,6 +389,12 @@ class Ingress:
         stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
         return {"prompts": prompts, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                 "stop": stop, "n": body.n, "seed": body.seed}
+
+    def usage(self, choices: list[dict], n: int) -> dict:
+        prompt_tokens = sum(c["prompt_tokens"] for c in choices if c["index"] % n == 0)
+        completion_tokens = sum(c["completion_tokens"] for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
 
 def build_api(ingress: Ingress) -> FastAPI:
@@ -364,15 +442,50 @@ def build_api(ingress: Ingress) -> FastAPI:
                 "model": ingress.name}
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse_events(ingress, job, meta, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(sse_events(ingress, job, meta, include_usage, CompletionChunks(job)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = await ingress.model.complete.remote(job)
-        prompt_tokens = sum(c["prompt_tokens"] for c in choices if c["index"] % job["n"] == 0)
-        completion_tokens = sum(c["completion_tokens"] for c in choices)
-        return {**meta, "choices": [{"text": c["text"], "index": c["index"], "logprobs": None,
+        want = job["top_logprobs"] is not None
+        return {**meta, "choices": [{"text": c["text"], "index": c["index"],
+                                     "logprobs": completion_logprobs(c["logprobs"], 0) if want else None,
                                      "finish_reason": c["finish_reason"]} for c in choices],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                "usage": ingress.usage(choices, job["n"])}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        job = ingress.chat_job(body)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": ingress.name}
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            chunks = ChatChunks(job)
+            return StreamingResponse(sse_events(ingress, job, {**meta, "object": "chat.completion.chunk"},
+                                                include_usage, chunks),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = await ingress.model.complete.remote(job)
+        want = job["top_logprobs"] is not None
+        return {**meta, "choices": [{"index": c["index"],
+                                     "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                                     "logprobs": chat_logprobs(c["logprobs"]) if want else None,
+                                     "finish_reason": c["finish_reason"]} for c in choices],
+                "usage": ingress.usage(choices, job["n"])}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        ingress.check("/v1/embeddings", body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        ingress.count_tokens(texts, "input")
+        result = await ingress.model.embed.remote({"inputs": texts})
+
+        def encode(vector: list[float]):
+            if body.encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
+                return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            return vector
+
+        return {"object": "list", "model": ingress.name,
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                         for i, v in enumerate(result["embeddings"])],
+                "usage": {"prompt_tokens": result["tokens"], "total_tokens": result["tokens"]}}
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict:
@@ -396,25 +509,84 @@ def build_api(ingress: Ingress) -> FastAPI:
     return app
 
 
-async def sse_events(ingress: Ingress, job: dict, meta: dict, include_usage: bool):
-    """OpenAI-style server-sent events: one `data: {chunk}` per text delta, a finish chunk, then `[DONE]`."""
+def completion_logprobs(entries: list[dict], offset: int) -> dict:
+    """Legacy completions' shape: parallel lists of tokens, logprobs, top alternatives and text offsets."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["logprob"] is None else dict(e["top"]) for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """Chat's shape: one object per token with its bytes and its top alternatives."""
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+                        for e in entries], "refusal": None}
+
+
+class CompletionChunks:
+    """Text-completion stream chunks (`choices[].text`), with logprobs text offsets running on per choice."""
+
+    def __init__(self, job: dict):
+        self.want = job["top_logprobs"] is not None
+        self.offsets: dict[int, int] = {}
+
+    def opening(self, n_choices: int) -> list[dict]:
+        return []
+
+    def delta(self, ev: dict) -> dict:
+        logprobs = None
+        if self.want:
+            offset = self.offsets.get(ev["index"], 0)
+            logprobs = completion_logprobs(ev["logprobs"], offset)
+            self.offsets[ev["index"]] = offset + sum(len(e["token"]) for e in ev["logprobs"])
+        return {"text": ev["text"], "index": ev["index"], "logprobs": logprobs, "finish_reason": None}
+
+    def finish(self, ev: dict) -> dict:
+        return {"text": "", "index": ev["index"], "logprobs": None, "finish_reason": ev["finish_reason"]}
+
+
+class ChatChunks:
+    """Chat stream chunks: a role delta per choice first, then content deltas, then an empty finish delta."""
+
+    def __init__(self, job: dict):
+        self.want = job["top_logprobs"] is not None
+
+    def opening(self, n_choices: int) -> list[dict]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(n_choices)]
+
+    def delta(self, ev: dict) -> dict:
+        return {"index": ev["index"], "delta": {"content": ev["text"]},
+                "logprobs": chat_logprobs(ev["logprobs"]) if self.want else None, "finish_reason": None}
+
+    def finish(self, ev: dict) -> dict:
+        return {"index": ev["index"], "delta": {}, "logprobs": None, "finish_reason": ev["finish_reason"]}
+
+
+async def sse_events(ingress: Ingress, job: dict, meta: dict, include_usage: bool, chunks):
+    """OpenAI-style server-sent events: one `data: {chunk}` per delta, a finish chunk per choice, then `[DONE]`."""
 
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
-    prompt_tokens = completion_tokens = 0
+    finished: list[dict] = []
     try:
+        for choice in chunks.opening(len(job["prompts"]) * job["n"]):
+            yield event({**meta, "choices": [choice]})
         async for ev in ingress.model.options(stream=True).stream.remote(job):
-            finish = ev.get("finish_reason")
-            yield event({**meta, "choices": [{"text": ev.get("text", ""), "index": ev["index"], "logprobs": None,
-                                              "finish_reason": finish}]})
-            if finish is not None:
-                completion_tokens += ev["completion_tokens"]
-                prompt_tokens += ev["prompt_tokens"] if ev["index"] % job["n"] == 0 else 0
+            if "finish_reason" in ev:
+                finished.append(ev)
+                yield event({**meta, "choices": [chunks.finish(ev)]})
+            elif ev["text"] or ev["logprobs"]:
+                yield event({**meta, "choices": [chunks.delta(ev)]})
         if include_usage:
-            yield event({**meta, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                          "completion_tokens": completion_tokens,
-                                                          "total_tokens": prompt_tokens + completion_tokens}})
+            yield event({**meta, "choices": [], "usage": ingress.usage(finished, job["n"])})
     except Exception:  # noqa: BLE001 - the status line is sent; report in-band, then close the stream
         log.exception("stream failed")
         yield event({"error": {"message": "generation failed; see the Ray Serve replica logs", "type": "server_error"}})

@@ -28,7 +28,7 @@ def build_app(args: dict[str, Any]) -> Application:
         # room for a full batch plus the requests queued behind it
         max_ongoing_requests=max(2 * settings.max_batch_size, math.ceil(2 * auto.target_ongoing_requests)),
         ray_actor_options={"num_cpus": settings.num_cpus_per_replica, "num_gpus": settings.num_gpus_per_replica},
-    ).bind(model_dir, args.get("task"), settings.max_batch_size, settings.batch_wait_timeout_s, threads)
+    ).bind(model_dir, args.get("task"), settings.max_batch_size, settings.batch_wait_timeout_s, threads, name)
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=1000,  # the ingress only awaits the model; backpressure lives on the model replicas

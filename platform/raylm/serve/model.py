@@ -1,6 +1,10 @@
 """The model deployment: loads a Hugging Face model directory and answers batched and streamed requests.
 
-Only the task -> Auto class table comes from raylm's training code: any directory `transformers`' Auto classes can load is servable.
+Causal LMs generate through `GenerationEngine` (continuous batching: streamed and non-streamed requests share every
+decode step); encoders answer classify / fill-mask / embeddings in `serve.batch` batches.
+
+Only the task -> Auto class table comes from raylm's training code: any directory `transformers`' Auto classes can
+load is servable.
 Requests arrive as plain dicts already validated by the ingress (`raylm.serve.api`).
 """
 
@@ -9,22 +13,27 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from ray import serve
 
-from raylm.train.models import TASK_AUTO_CLASSES  # task -> Auto class name (its one home)
+from raylm.serve.engine import GenerationEngine, Sequence
+from raylm.serve.metrics import ReplicaMetrics
+from raylm.train.models import TASK_AUTO_CLASSES as TRAINED_TASK_AUTO_CLASSES  # its one home
 
-# config.json `architectures` suffix -> task; the model's own head says what it can serve
+# the trained tasks, plus a bare encoder (BertModel: a sentence-transformers checkpoint), served for embeddings only
+TASK_AUTO_CLASSES: dict[str, str] = {**TRAINED_TASK_AUTO_CLASSES, "embedding": "AutoModel"}
+ENCODER_TASKS = ("classification", "masked_lm", "embedding")  # tasks whose hidden states embed text
+
+# config.json `architectures` suffix -> task, first match wins; the model's own head says what it can serve
 ARCH_SUFFIX_TASKS: dict[str, str] = {
     "ForCausalLM": "causal_lm",
     "LMHeadModel": "causal_lm",
     "ForMaskedLM": "masked_lm",
     "ForSequenceClassification": "classification",
+    "Model": "embedding",
 }
 
 
@@ -57,22 +66,65 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-class _StopFlag:
-    """A transformers StoppingCriteria set from another thread (client went away)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut `text` at the earliest stop sequence; True when one was found."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class ChoiceState:
+    """One choice's text and logprob entries as engine events arrive; `drain` says what may be sent now."""
+
+    def __init__(self, seq: Sequence, stop: list[str]):
+        self.seq, self.stop = seq, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # a tail that could still become a stop sequence
+        self.text, self.sent = "", 0
+        self.entries: list[tuple[int, dict]] = []  # (offset of the token's text, its logprob entry)
+        self.entries_sent = 0
+        self.prefix: dict | None = None  # echo: the prompt's text and entries, sent first
+        self.finish: str | None = None
+        self.done = False
+
+    def take(self, ev: dict) -> None:
+        if self.done:
+            return
+        if "error" in ev:
+            raise RuntimeError(f"generation failed: {ev['error']!r}") from ev["error"]
+        if "prompt_text" in ev:
+            self.prefix = ev
+        elif "token" in ev:
+            if "logprob" in ev and not ev["eos"]:
+                self.entries.append((len(self.text), ev["logprob"]))
+            self.text += ev.get("text", "")
+        elif "tail" in ev:
+            self.text += ev["tail"]
+        elif "done" in ev:
+            self.finish = self.finish or ("stop" if ev["done"] == "eos" else "length")
+
+    def drain(self) -> list[dict]:
+        if self.done:
+            return []
+        out, index = [], self.seq.index
+        if self.prefix is not None:
+            out.append({"index": index, "text": self.prefix["prompt_text"],
+                        "logprobs": self.prefix["prompt_logprobs"] or []})
+            self.prefix = None
+        cut, hit = truncate_at_stop(self.text, self.stop)
+        if hit:
+            self.finish = "stop"
+            self.seq.cancelled.set()
+        upto = len(cut) if self.finish else max(self.sent, len(self.text) - self.hold)
+        n_entries = len(self.entries) if self.finish and not hit else \
+            sum(1 for off, _ in self.entries if off < upto)
+        if upto > self.sent or n_entries > self.entries_sent:
+            out.append({"index": index, "text": self.text[self.sent:upto],
+                        "logprobs": [e for _, e in self.entries[self.entries_sent:n_entries]]})
+            self.sent, self.entries_sent = upto, n_entries
+        if self.finish:
+            self.done = True
+            out.append({"index": index, "finish_reason": self.finish, "prompt_tokens": len(self.seq.prompt_ids),
+                        "completion_tokens": len(self.seq.generated)})
+        return out
 
 
 @serve.deployment
@@ -80,7 +132,7 @@ class ModelServer:
     """One replica: the model on CPU or GPU, dynamic batches for non-streaming routes, token streams for SSE."""
 
     def __init__(self, model_dir: str, task: str | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, num_threads: int | None = None):
+                 batch_wait_timeout_s: float = 0.01, num_threads: int | None = None, name: str = "raylm"):
         import torch
         import transformers
 
@@ -94,155 +146,86 @@ class ModelServer:
         self.tokenizer = load_tokenizer(model_dir)
         auto_class = getattr(transformers, TASK_AUTO_CLASSES[self.task])
         self.model = auto_class.from_pretrained(model_dir).to(self.device).eval()
-        if self.task == "causal_lm":
-            # left padding so a batch of prompts all continue from their last real token
-            self.tokenizer.padding_side = "left"
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eos_id = self.tokenizer.eos_token_id
-        # torch's global RNG is shared by threads: seeded sampling holds this lock so its draws are its own
-        self.rng_lock = threading.Lock()
+        self.metrics = ReplicaMetrics(name)
         self.batch_sizes: Counter[int] = Counter()
-        for method in (self.complete_batch, self.classify_batch, self.fill_mask_batch):
+        self.engine = None
+        if self.task == "causal_lm":
+            self.engine = GenerationEngine(
+                self.model, self.tokenizer, self.tokenizer.eos_token_id, max_batch_size, self.device,
+                on_step=lambda n: self.metrics.batch_size("decode", n),
+                on_first_token=self.metrics.time_to_first_token)
+        for method in (self.classify_batch, self.fill_mask_batch, self.embed_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     # ---------------------------------------------------------------------------------------- stats
     def stats(self) -> dict:
         sizes = dict(sorted(self.batch_sizes.items()))
-        return {"task": self.task, "device": self.device, "batch_sizes": sizes,
-                "max_batch_size_seen": max(sizes, default=0), "batches": sum(sizes.values())}
+        out = {"task": self.task, "device": self.device, "batch_sizes": sizes,
+               "max_batch_size_seen": max(sizes, default=0), "batches": sum(sizes.values())}
+        if self.engine is not None:
+            out["generation"] = self.engine.stats()
+        return out
 
-    def _record(self, n: int) -> None:
+    def _record(self, kind: str, n: int) -> None:
         self.batch_sizes[n] += 1
+        self.metrics.batch_size(kind, n)
 
     # ---------------------------------------------------------------------------------- generation
-    def _generate_kwargs(self, req: dict, max_new_tokens: int) -> dict:
-        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id,
-                              "eos_token_id": self.eos_id}
-        if req["temperature"] > 0:
-            kw.update(do_sample=True, temperature=req["temperature"], top_p=req["top_p"], top_k=0)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if req["stop"]:
-            kw.update(stop_strings=req["stop"], tokenizer=self.tokenizer)
-        return kw
+    def _sequences(self, req: dict, queue: asyncio.Queue) -> list[Sequence]:
+        """One engine sequence per (prompt, choice); a seeded request's choices get seeds seed, seed+1, ..."""
+        loop = asyncio.get_running_loop()
+        encoded = self.tokenizer(req["prompts"], add_special_tokens=req.get("add_special_tokens", True))["input_ids"]
+        seqs = []
+        for p_i, ids in enumerate(encoded):
+            for j in range(req["n"]):
+                index = p_i * req["n"] + j
+                seed = None if req.get("seed") is None else req["seed"] + index
+                seqs.append(Sequence(list(ids), req["max_tokens"], req["temperature"], req["top_p"], seed,
+                                     req.get("top_logprobs"), bool(req.get("echo")), loop, queue, index=index))
+        return seqs
 
-    def _run_generate(self, req: dict, prompts: list[str], **extra) -> Any:
-        """model.generate under the RNG lock when sampling (seeded from the request when it has a seed)."""
-        import torch
+    async def generate(self, req: dict) -> AsyncIterator[dict]:
+        """Per-choice deltas `{index, text, logprobs}`, then `{index, finish_reason, prompt_tokens, completion_tokens}`.
 
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        kw = self._generate_kwargs(req, req["max_tokens"]) | extra
-        sampling = kw["do_sample"]
-        with self.rng_lock if sampling else nullcontext(), torch.inference_mode():
-            if sampling and req.get("seed") is not None:
-                torch.manual_seed(req["seed"])
-            out = self.model.generate(**enc, **kw)
-        return enc, out
-
-    def _complete_group(self, reqs: list[dict]) -> list[list[dict]]:
-        """One generate call for requests sharing sampling settings; each gets its n choices per prompt."""
-        head = reqs[0]
-        n = head["n"]
-        prompts = [p for r in reqs for p in r["prompts"]]
-        # greedy choices are identical: decode once and copy; sampling draws n sequences per prompt
-        copies = n if head["temperature"] > 0 else 1
-        enc, out = self._run_generate(head, prompts, num_return_sequences=copies)
-        prompt_len = enc["input_ids"].shape[1]
-        prompt_tokens = enc["attention_mask"].sum(-1).tolist()
-        results, g = [], 0  # g: index of the prompt across the whole group; out rows are prompt-major
-        for r in reqs:
-            choices = []
-            for p_i in range(len(r["prompts"])):
-                seqs = [self._finish(out[g * copies + k, prompt_len:], r) for k in range(copies)]
-                seqs = seqs * n if copies == 1 else seqs
-                for j, (text, finish, n_gen) in enumerate(seqs):
-                    choices.append({"text": text, "index": p_i * n + j, "finish_reason": finish,
-                                    "prompt_tokens": int(prompt_tokens[g]), "completion_tokens": n_gen})
-                g += 1
-            results.append(choices)
-        return results
-
-    def _finish(self, new_ids, req: dict) -> tuple[str, str, int]:
-        ids = new_ids.tolist()
-        hit_eos = self.eos_id in ids
-        if hit_eos:
-            ids = ids[: ids.index(self.eos_id)]
-        n_gen = len(ids) + int(hit_eos)
-        text, hit_stop = truncate_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), req["stop"])
-        finish = "stop" if hit_eos or hit_stop or n_gen < req["max_tokens"] else "length"
-        return text, finish, n_gen
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def complete_batch(self, reqs: list[dict]) -> list[list[dict]]:
-        self._record(len(reqs))
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            # a seeded request is its own group: its draws must not depend on who it was batched with
-            key = (r["max_tokens"], r["temperature"], r["top_p"], tuple(r["stop"]), r["n"],
-                   i if r.get("seed") is not None else None)
-            groups.setdefault(key, []).append(i)
-        results: list[list[dict]] = [[] for _ in reqs]
-        for idxs in groups.values():
-            group = [reqs[i] for i in idxs]
-            for i, res in zip(idxs, await asyncio.to_thread(self._complete_group, group)):
-                results[i] = res
-        return results
+        Text that could still become a stop sequence is held back; events that queued up while this consumer was
+        busy go out as one delta (fewer, larger chunks under load)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs = self._sequences(req, queue)
+        states = [ChoiceState(s, req["stop"]) for s in seqs]
+        for s in seqs:
+            self.engine.submit(s)
+        open_choices = len(seqs)
+        try:
+            while open_choices:
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for ev in events:
+                    states[ev["index"]].take(ev)
+                for state in states:
+                    for out in state.drain():
+                        if "finish_reason" in out:
+                            open_choices -= 1
+                            self.metrics.generated_tokens(out["completion_tokens"])
+                        yield out
+        finally:
+            for s in seqs:
+                s.cancelled.set()  # finished, or the client went away: the engine drops the rows next step
 
     async def complete(self, req: dict) -> list[dict]:
-        return await self.complete_batch(req)
+        """The whole answer: per choice its text, logprob entries, finish reason and token counts."""
+        choices: dict[int, dict] = {}
+        async for ev in self.generate(req):
+            c = choices.setdefault(ev["index"], {"index": ev["index"], "text": "", "logprobs": []})
+            c["text"] += ev.get("text", "")
+            c["logprobs"] += ev.get("logprobs", [])
+            c.update({k: v for k, v in ev.items() if k not in ("index", "text", "logprobs")})
+        return [choices[i] for i in sorted(choices)]
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
-        """Yield `{index, text}` deltas, then `{index, finish_reason, ...}` per choice, as tokens are made."""
-        from transformers import AsyncTextIteratorStreamer
-
-        n = req["n"]
-        for p_i, prompt in enumerate(req["prompts"]):
-            for j in range(n):
-                streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-                stop_flag = _StopFlag()
-                counted: dict[str, Any] = {}
-
-                def work(prompt=prompt, streamer=streamer, stop_flag=stop_flag, counted=counted):
-                    from transformers import StoppingCriteriaList
-
-                    try:
-                        enc, out = self._run_generate(req, [prompt], streamer=streamer,
-                                                      stopping_criteria=StoppingCriteriaList([stop_flag]))
-                        counted["prompt"] = int(enc["attention_mask"].sum())
-                        counted["finish"] = self._finish(out[0, enc["input_ids"].shape[1]:], req)
-                    except BaseException as e:  # noqa: BLE001 - surfaced to the stream below
-                        counted["error"] = e
-                        streamer.end()
-
-                thread = threading.Thread(target=work, daemon=True)
-                thread.start()
-                text, sent = "", 0
-                hold = max((len(s) for s in req["stop"]), default=1) - 1
-                try:
-                    async for piece in streamer:
-                        text += piece
-                        cut, hit = truncate_at_stop(text, req["stop"])
-                        # hold back a tail that could still become a stop sequence
-                        upto = len(cut) if hit else max(sent, len(text) - hold)
-                        if upto > sent:
-                            yield {"index": p_i * n + j, "text": cut[sent:upto]}
-                            sent = upto
-                        if hit:
-                            stop_flag.event.set()
-                            break
-                finally:
-                    stop_flag.event.set()
-                    await asyncio.to_thread(thread.join)
-                if "error" in counted:
-                    raise counted["error"]
-                final_text, finish, n_gen = counted["finish"]
-                if len(final_text) > sent:
-                    yield {"index": p_i * n + j, "text": final_text[sent:]}
-                yield {"index": p_i * n + j, "finish_reason": finish, "prompt_tokens": counted["prompt"],
-                       "completion_tokens": n_gen}
+        async for ev in self.generate(req):
+            yield ev
 
     # -------------------------------------------------------------------------------- encoders
     def _encode(self, texts: list[str]):
@@ -271,7 +254,7 @@ class ModelServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def classify_batch(self, reqs: list[dict]) -> list[list[dict]]:
-        self._record(len(reqs))
+        self._record("classify", len(reqs))
         return await asyncio.to_thread(self._classify, reqs)
 
     async def classify(self, req: dict) -> list[dict]:
@@ -301,9 +284,37 @@ class ModelServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def fill_mask_batch(self, reqs: list[dict]) -> list[list[list[dict]]]:
-        self._record(len(reqs))
+        self._record("fill_mask", len(reqs))
         return await asyncio.to_thread(self._fill_mask, reqs)
 
     async def fill_mask(self, req: dict) -> list[list[dict]]:
         return await self.fill_mask_batch(req)
 
+
+    def _embed(self, reqs: list[dict]) -> list[dict]:
+        """Mean of the last hidden states over real tokens, L2-normalized (sentence-transformers' recipe)."""
+        import torch
+
+        texts = [t for r in reqs for t in r["inputs"]]
+        enc = self._encode(texts)
+        with torch.inference_mode():
+            out = self.model(**enc, output_hidden_states=True)
+            hidden = out.hidden_states[-1].float()
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            vectors = torch.nn.functional.normalize(pooled, p=2, dim=-1).cpu()
+        tokens = enc["attention_mask"].sum(-1).tolist()
+        out_, row = [], 0
+        for r in reqs:
+            k = len(r["inputs"])
+            out_.append({"embeddings": vectors[row:row + k].tolist(), "tokens": int(sum(tokens[row:row + k]))})
+            row += k
+        return out_
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def embed_batch(self, reqs: list[dict]) -> list[dict]:
+        self._record("embed", len(reqs))
+        return await asyncio.to_thread(self._embed, reqs)
+
+    async def embed(self, req: dict) -> dict:
+        return await self.embed_batch(req)

@@ -17,6 +17,7 @@ from raylm.config import Config, ConfigError
 from raylm.train.export import checkpoint_state, export_checkpoint, training_summary
 from raylm.train.loop import FAULT_ENV, data_parallel_size, train_loop_per_worker
 from raylm.train.models import model_config, read_manifest
+from raylm.tracking import log_exported_model
 
 __all__ = ["train", "make_trainer", "export_result", "check_inputs"]
 
@@ -58,7 +59,8 @@ def preflight(cfg: Config) -> None:
 
 
 def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str | None = None,
-                 callbacks: list | None = None, manifest: dict | None = None):
+                 callbacks: list | None = None, manifest: dict | None = None, tracking_run: str | None = None,
+                 tracking_parent: str | None = None):
     import os
 
     import ray.data
@@ -80,7 +82,10 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
         callbacks=callbacks,
     )
     loop_config = {"cfg": cfg.model_dump(mode="json"), "manifest": manifest,
-                   "fault_at_step": os.environ.get(FAULT_ENV)}  # test hook: crash one worker once at this step
+                   "fault_at_step": os.environ.get(FAULT_ENV),  # test hook: crash one worker once at this step
+                   # train.tracking: the run's name there (default: the Ray Train run's), its parent (a search)
+                   "tracking_dir": str(cfg.path("tracking").resolve()), "tracking_config": cfg.public_dump(),
+                   "tracking_run": tracking_run or run_config.name, "tracking_parent": tracking_parent}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -141,6 +146,8 @@ def train(cfg: Config) -> dict:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     summary = export_result(cfg, result, manifest=manifest)
+    log_exported_model(cfg.public_dump(), str(cfg.path("tracking")), Path(result.path).name,
+                       summary["model_dir"])
     summary["total_wall_time_s"] = time.time() - start
     print(f"[raylm train] exported step {summary['best_step']} ({cfg.train.metric} {summary['val'].get(cfg.train.metric, 0):.4f}) "
           f"to {summary['model_dir']} in {summary['total_wall_time_s']:.0f}s")

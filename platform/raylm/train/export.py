@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from raylm.chat_template import write_chat_template
 from raylm.checkpoints import verify, weights_only_loads
 from raylm.config import Config
 from raylm.train.loop import CKPT_TAG, STATE_FILE
@@ -59,6 +60,7 @@ def export_checkpoint(cfg: Config, manifest: dict, ckpt_dir: str | Path, model_d
     for f in tokenizer_dir(cfg).iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
+    write_chat_template(tmp, cfg.model.task, cfg.model.chat_template)
     (tmp / "training_summary.json").write_text(json.dumps(summary or {}, indent=2, default=float))
     old = model_dir.with_name(f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}")
     if model_dir.exists():

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from raylm.checkpoints import resumable, weights_only_loads, write_manifest
 from raylm.config import Config
+from raylm.tracking import Tracker, open_tracking
 from raylm.train.models import build_model, tokenizer_dir
 
 CKPT_TAG = "ds"  # the DeepSpeed tag inside every checkpoint directory
@@ -197,6 +198,7 @@ class Hooks:
     log: Callable[[str], None] = print
     dp_rank: int = 0  # data-parallel rank: equal on the ranks of one tensor-parallel group
     dp_size: int = 1
+    track: Tracker = field(default_factory=Tracker)  # train.tracking (TensorBoard, MLflow): real on rank 0 only
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -338,6 +340,7 @@ def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]
                          "lr": engine.get_lr()[0], "tokens_per_s": window_micro * tokens_per_micro / elapsed,
                          "step_time_s": elapsed / max(window_micro / t.grad_accum, 1)}
                 state.history.append(entry)
+                hooks.track.log_metrics(entry, state.step)
                 if hooks.rank == 0:
                     hooks.log(f"step {state.step}/{steps} | loss {entry['train_loss']:.4f} | lr {entry['lr']:.2e} | "
                               f"{entry['tokens_per_s']:,.0f} tok/s | eta {fmt_eta((steps - state.step) * entry['step_time_s'])}")
@@ -352,6 +355,7 @@ def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]
             else:
                 state.bad_evals += 1
             state.evals.append({"step": state.step, **val})
+            hooks.track.log_metrics(val, state.step)
             stop = bool(t.early_stopping and state.bad_evals >= t.early_stopping.patience)
             done = stop or state.step >= steps
             last = state.history[-1]
@@ -420,10 +424,16 @@ def train_loop_per_worker(config: dict) -> dict:
     with (checkpoint.as_directory() if checkpoint else _null()) as restore_dir:
         if restore_dir and not (Path(restore_dir) / STATE_FILE).exists():
             raise RuntimeError(f"checkpoint {restore_dir} is incomplete (no {STATE_FILE}); refusing to resume")
+        # a restarted worker group reopens the same tracking run (keyed by the Ray Train run's name)
+        track = open_tracking(config.get("tracking_config", config["cfg"]), config.get("tracking_dir"),
+                              config.get("tracking_run", "train"), ctx.get_world_rank(), config.get("tracking_parent"))
         hooks = Hooks(report=report, restore_dir=restore_dir, rank=ctx.get_world_rank(),
                       world_size=ctx.get_world_size(), log=lambda s: print(f"[raylm train] {s}", flush=True),
-                      dp_rank=dp_rank, dp_size=dp_size)
-        return fit(cfg, manifest, train_epoch, val_batches, hooks)
+                      dp_rank=dp_rank, dp_size=dp_size, track=track)
+        try:
+            return fit(cfg, manifest, train_epoch, val_batches, hooks)
+        finally:
+            track.close()
 
 
 class _null:
