@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench bench-corpus install clean
+.PHONY: quickstart test bench bench-corpus stress install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench-corpus: $(STAMP)
 
 bench-%: $(STAMP)
 	$(HEAVY) $(BIN)/python bench/bench_$(subst -,_,$*).py $(BENCH_ARGS)
+
+# long fault and load runs (issue 14; never part of `make test`): each prints its figure and exits 1 when its
+# promise is broken. HEAVY prefixes each command, as for bench.
+STRESS := train_faults load replica_kill
+
+stress: $(STAMP)
+	@fail=0; for s in $(STRESS); do echo "--- stress/$$s.py"; \
+	  timeout --signal=INT 1800 $(HEAVY) $(BIN)/python stress/$$s.py || fail=1; done; exit $$fail
 
 clean:
 	rm -rf $(VENV) outputs
