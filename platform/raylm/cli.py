@@ -65,6 +65,8 @@ def add_common_args(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("--chars", type=int, default=1000, help="characters of each sample to print")
     if verb == "run":
         p.add_argument("--no-wait", action="store_true", help="exit after the sample request instead of serving")
+    if verb == "train":
+        p.add_argument("--force", action="store_true", help="train again even when this config's run already finished")
 
 
 def stage_kwargs(verb: str, args: argparse.Namespace) -> dict:
@@ -73,6 +75,8 @@ def stage_kwargs(verb: str, args: argparse.Namespace) -> dict:
         kw["model_dir"] = args.model
     if verb == "run":
         kw["wait"] = not args.no_wait
+    if getattr(args, "force", False):
+        kw["force"] = True
     return kw
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
                 for split in ("train", "val") for fs, path in [storage.resolve(cfg.uri("data", split))]}
     storage_fs, storage_dir = storage.resolve(str(storage_path or cfg.uri("train")))
     run_config = RunConfig(
-        name=name or f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+        name=name or run_name(cfg),
         storage_path=storage_dir, storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
                                            checkpoint_score_order=t.mode),
@@ -133,16 +134,44 @@ def export_result(cfg: Config, result, model_dir: str | Path | None = None, mani
         summary = training_summary(state, metrics, ckpt.path)
         summary["early_stopped"] = bool((result.metrics or {}).get("early_stopped"))
         summary["results_path"] = result.path
+        summary["run_key"] = run_name(cfg)  # a rerun of the same settings finds it finished
         out = export_checkpoint(cfg, manifest, ckpt_dir, model_dir, summary)
     summary["model_dir"] = str(out)
     return summary
 
 
+def run_name(cfg: Config) -> str:
+    """The Ray Train run's name: the same for the same seed/data/model/train settings, so `raylm train` started
+    again after its driver died continues that run from its newest checkpoint instead of starting over."""
+    import hashlib
+    import json
+
+    key = {k: v for k, v in cfg.public_dump().items() if k in ("seed", "data", "model", "train")}
+    return "run-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def finished_summary(cfg: Config) -> dict | None:
+    """The exported model's training summary when it came from a finished run of these settings."""
+    path = cfg.path("model", "training_summary.json")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("run_key") == run_name(cfg) else None
+
+
 @storage.stage_io("train")  # remote output_dir: model/ is exported to the mirror, then uploaded
-def train(cfg: Config) -> dict:
+def train(cfg: Config, force: bool = False) -> dict:
     manifest = check_inputs(cfg)
+    done = None if force else finished_summary(cfg)
+    if done is not None:
+        print(f"[raylm train] {run_name(cfg)} already finished (step {done.get('steps')}, model in "
+              f"{cfg.path('model')}); nothing to do. Pass --force to train again from scratch.", flush=True)
+        return done
     start = time.time()
-    result = make_trainer(cfg, manifest=manifest).fit()
+    # --force: a new run beside the finished one (its checkpoints stay until keep_checkpoints prunes this one's)
+    name = f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}" if force else run_name(cfg)
+    result = make_trainer(cfg, manifest=manifest, name=name).fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     summary = export_result(cfg, result, manifest=manifest)
