@@ -68,7 +68,8 @@ def completed_trials(exp_root: Path) -> dict[str, str]:
 
 
 class PlacementGroupWatch:
-    """Polls the cluster's placement group table while a search runs: the most groups reserved at once."""
+    """Polls the cluster's placement group table while a search runs: the most Train worker groups (bundles of
+    1 CPU; Tune's own 0.01-CPU trial groups are not counted) reserved at once."""
 
     def __init__(self, ray):
         import threading
@@ -78,7 +79,8 @@ class PlacementGroupWatch:
         self.thread.start()
 
     def live(self) -> int:
-        return sum(pg["state"] in ("CREATED", "PREPARED") for pg in self.ray.util.placement_group_table().values())
+        return sum(pg["state"] in ("CREATED", "PREPARED") and any(b.get("CPU", 0) >= 1 for b in pg["bundles"].values())
+                   for pg in self.ray.util.placement_group_table().values())
 
     def poll(self) -> None:
         while not self.stop.wait(0.5):
