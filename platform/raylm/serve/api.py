@@ -284,16 +284,23 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
+def main_error(exc: RequestValidationError) -> dict:
+    """The error to report: for a union field (`prompt`: string or list) the constraint that failed, not
+    "should be a valid string" from the member it was never meant to be."""
+    errors = exc.errors()
+    return next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+
+
 def validation_param(exc: RequestValidationError) -> str | None:
     """The request field an error concerns (OpenAI's `param`), e.g. `prompt` or `messages.0.role`."""
-    loc = [str(p) for p in exc.errors()[0].get("loc", ()) if p != "body"]
+    loc = [str(p) for p in main_error(exc).get("loc", ()) if p != "body"]
     # drop pydantic's union-member names (e.g. "str", "list[str]") from the location
     loc = [p for p in loc if not p.startswith(("list[", "str", "function-", "int", "constrained"))]
     return ".".join(loc) or None
 
 
 def validation_message(exc: RequestValidationError) -> str:
-    err = exc.errors()[0]
+    err = main_error(exc)
     if err.get("type") == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
     loc = validation_param(exc)
@@ -375,7 +382,8 @@ class Ingress:
             raise ApiError(400, f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} sequences; "
                                 f"the limit is {MAX_CHOICES} per request", param="n")
         if max_tokens > self.max_new_tokens:
-            raise ApiError(400, f"max_tokens={max_tokens} is over the limit max_new_tokens={self.max_new_tokens}")
+            raise ApiError(400, f"max_tokens={max_tokens} is over the limit max_new_tokens={self.max_new_tokens}",
+                           param="max_tokens")
         counts = self.count_tokens(prompts, what)
         start = self.tokenizer.bos_token or self.tokenizer.eos_token or ""
         # an empty prompt starts from the document separator, as OpenAI's models do
