@@ -130,17 +130,17 @@ def test_hostile_bodies_get_4xx_with_openai_envelope(served):
     r = httpx.post(comp, content=chunked(10_240), headers=json_headers, timeout=60)
     assert "content-length" not in {k.lower() for k in r.request.headers}
     assert assert_envelope(r, 413)["type"] == "request_too_large"
-    cases = {
-        "NaN": b'{"prompt": "x", "temperature": NaN}',
-        "Infinity": b'{"prompt": "x", "temperature": Infinity}',
-        "-Infinity": b'{"prompt": "x", "max_tokens": -Infinity}',
-        "non-UTF-8": b'{"prompt": "\xff\xfe bad bytes"}',
-        "nesting": b'{"prompt": "x", "stop": ' + b"[" * (MAX_JSON_DEPTH + 5) + b"]" * (MAX_JSON_DEPTH + 5) + b"}",
-        "truncated": b'{"prompt": "x", "max_tokens": 3',
+    cases = {  # body -> what the message must name
+        b'{"prompt": "x", "temperature": NaN}': "nan",
+        b'{"prompt": "x", "temperature": Infinity}': "infinity",
+        b'{"prompt": "x", "max_tokens": -Infinity}': "infinity",
+        b'{"prompt": "\xff\xfe bad bytes"}': "utf-8",
+        b'{"prompt": "x", "stop": ' + b"[" * (MAX_JSON_DEPTH + 5) + b"]" * (MAX_JSON_DEPTH + 5) + b"}": "deep",
+        b'{"prompt": "x", "max_tokens": 3': "json",
     }
-    for name, body in cases.items():
+    for body, word in cases.items():
         err = assert_envelope(httpx.post(comp, content=body, headers=json_headers, timeout=60), 400)
-        assert name.strip("-").split("-")[0].lower() in err["message"].lower() or "json" in err["message"].lower(), (name, err)
+        assert word in err["message"].lower(), (body[:40], err)
     # caps on one request's work
     post = lambda body: httpx.post(comp, json=body, headers=AUTH, timeout=60)  # noqa: E731
     assert assert_envelope(post({"prompt": ["a"] * (MAX_PROMPTS + 1)}), 400)["param"] == "prompt"
@@ -161,6 +161,7 @@ def test_schemathesis_fuzz_every_operation_no_5xx(served):
     import httpx
     import schemathesis
     from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
     from schemathesis.generation import GenerationMode
     from serve_apps import AUTH
 
@@ -185,7 +186,10 @@ def test_schemathesis_fuzz_every_operation_no_5xx(served):
                 tally["4xx"] += 1
                 err = json.loads(r.content)["error"]
                 assert set(err) == ENVELOPE and err["message"] and err["type"], (r.status_code, err)
-        run()
+        try:
+            run()
+        except Unsatisfiable:  # an operation without inputs (GET /healthz) has no invalid form
+            assert mode == GenerationMode.NEGATIVE and op.method.upper() == "GET"
 
     for op in operations:
         exercise(op, GenerationMode.POSITIVE, AUTH)
