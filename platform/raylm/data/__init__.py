@@ -268,9 +268,10 @@ def _prepare(cfg: Config) -> dict:
             "special_tokens": special_ids(tok),
             "label_map": label_map,
             "splits": splits,
-            "sources": [{"name": s.name, "format": s.format or ("builtin" if s.builtin else "hf_dataset"),
+            # a source's name as written in the config: `${ENV}` references stay references
+            "sources": [{"name": shown.get("path") or s.name, "format": s.format or ("builtin" if s.builtin else "hf_dataset"),
                          "documents_read": read_per_source.get(s.name, 0), "documents_kept": kept_per_source.get(s.name, 0)}
-                        for s in d.sources],
+                        for s, shown in zip(d.sources, cfg.public_dump()["data"]["sources"])],
             "documents_read": sum(read_per_source.values()),
             "documents_kept": sum(split_docs.values()),
             "dropped": dict(sorted({**dropped, **{f"{k}_duplicate": v for k, v in (("exact", dups["exact"]), ("near", dups["near"])) if v}}.items())),
