@@ -121,6 +121,12 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
+def checkpoint_intact(checkpoint) -> bool:
+    """Whether a Ray Train `Checkpoint` (local or in an object store) verifies against its manifests."""
+    with checkpoint.as_directory() as d:
+        return is_intact(d)
+
+
 def checkpoint_step(directory: str | os.PathLike, state_file: str) -> int | None:
     try:
         return int(json.loads((Path(directory) / state_file).read_text())["step"])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from raylm import storage
+from raylm.checkpoints import checkpoint_intact
 from raylm.config import Config, ConfigError
 from raylm.train.export import checkpoint_state, export_checkpoint, training_summary
 from raylm.train.loop import FAULT_ENV, data_parallel_size, train_loop_per_worker
@@ -114,7 +115,8 @@ def data_config(cfg: Config):
 def best_checkpoint(result, metric: str, mode: str, best_step: int | None = None):
     """The checkpoint of the best evaluation (early stopping's `best_step` by `train.metric`, which honours
     min_delta), else the best `metric` in `mode` among those Ray kept (the later on ties); with its metrics."""
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    # a checkpoint damaged on disk (e.g. one a resume skipped) is never exported
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m and checkpoint_intact(c)]
     if not ranked:
         raise RuntimeError(f"training produced no checkpoint with {metric} (results in {result.path})")
     at_best = [cm for cm in ranked if cm[1].get("step") == best_step]
