@@ -63,6 +63,7 @@ class GenerationEngine:
         self.wake = threading.Condition()
         self.step_batch_sizes: Counter[int] = Counter()  # decode steps per batch size
         self.max_streams_in_step = 0
+        self.active = 0  # sequences in the running batch (read by consumers to size their deltas)
         threading.Thread(target=self._run, name="raylm-generation", daemon=True).start()
 
     # ------------------------------------------------------------------------------------ public
@@ -108,6 +109,7 @@ class GenerationEngine:
                         active = [active[i] for i in keep]
                         if not active:
                             cache = mask = lengths = last = None
+                            self.active = 0
                             continue
                         cache, mask, lengths, last = self._select(cache, mask, lengths, last, keep)
                     if not active:
@@ -141,6 +143,7 @@ class GenerationEngine:
         return False
 
     def _record_step(self, n: int) -> None:
+        self.active = n
         self.step_batch_sizes[n] += 1
         self.max_streams_in_step = max(self.max_streams_in_step, n)
         if self.on_step:

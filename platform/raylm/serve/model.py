@@ -26,6 +26,7 @@ from raylm.train.models import TASK_AUTO_CLASSES as TRAINED_TASK_AUTO_CLASSES  #
 # the trained tasks, plus a bare encoder (BertModel: a sentence-transformers checkpoint), served for embeddings only
 TASK_AUTO_CLASSES: dict[str, str] = {**TRAINED_TASK_AUTO_CLASSES, "embedding": "AutoModel"}
 ENCODER_TASKS = ("classification", "masked_lm", "embedding")  # tasks whose hidden states embed text
+TOKENS_PER_EVENT_EVERY = 4  # a streamed delta carries one more token per this many sequences in the batch
 
 # config.json `architectures` suffix -> task, first match wins; the model's own head says what it can serve
 ARCH_SUFFIX_TASKS: dict[str, str] = {
@@ -195,12 +196,18 @@ class ModelServer:
         states = [ChoiceState(s, req["stop"]) for s in seqs]
         for s in seqs:
             self.engine.submit(s)
-        open_choices = len(seqs)
+        open_choices, first = len(seqs), True
         try:
             while open_choices:
                 events = [await queue.get()]
+                # under load, one delta carries several tokens: each event costs every hop (replica -> ingress ->
+                # proxy -> client) as much as a decode step, so events per second must not grow with the batch
+                need = 1 if first else open_choices * max(1, self.engine.active // TOKENS_PER_EVENT_EVERY)
+                while sum("token" in e for e in events) < need and not any("done" in e or "error" in e for e in events):
+                    events.append(await queue.get())
                 while not queue.empty():
                     events.append(queue.get_nowait())
+                first = False
                 for ev in events:
                     states[ev["index"]].take(ev)
                 for state in states:
