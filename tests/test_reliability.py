@@ -152,6 +152,19 @@ def test_hostile_bodies_get_4xx_with_openai_envelope(served):
     assert assert_envelope(post({"prompt": "x", "model": "nope"}), 404)["code"] == "model_not_found"
     assert assert_envelope(httpx.post(comp, json={"prompt": "x"}), 401)["code"] == "invalid_api_key"
     assert post({"prompt": "x", "max_tokens": 2}).status_code == 200  # still serving
+    # request logs carry no prompt text (serve.log_request_bodies is off by default) and never the key
+    import subprocess
+    import time
+
+    from serve_apps import API_KEY
+
+    from raylm.cli import log_dir
+
+    marker = "prompt-text-marker-7c1e0b"
+    assert post({"prompt": marker, "max_tokens": 2}).status_code == 200
+    time.sleep(2)  # let Ray flush the replica logs
+    leaked = subprocess.run(["grep", "-rlE", f"{marker}|{API_KEY}", log_dir()], capture_output=True, text=True).stdout
+    assert not leaked, leaked
 
 
 @pytest.mark.timeout(600)
