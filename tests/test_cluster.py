@@ -191,7 +191,7 @@ FAKE_CLUSTER = {
     "cluster_name": "raylm-fake",
     "max_workers": 2,
     "upscaling_speed": 1.0,
-    "idle_timeout_minutes": 0.1,  # scale back down within seconds once prepare is done
+    "idle_timeout_minutes": 0.5,  # back down soon after the driver exits; shorter raced Ray Data actors being placed
     "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                  "disable_launch_config_check": True},
     "head_node_type": "ray.head.default",
