@@ -86,14 +86,17 @@ def test_completion_logprobs_are_the_models_log_probabilities_and_echo(client, t
     for value, top in zip(lp.token_logprobs, lp.top_logprobs):
         ranked = sorted(top.values(), reverse=True)
         assert value <= 0 and value == pytest.approx(ranked[0], abs=1e-5) and len(top) == 3
-    # the same numbers from a plain transformers forward over prompt + completion
+    # the same numbers from plain transformers: greedy generate's raw logits, log-softmaxed
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     prompt_ids = tok("def add")["input_ids"]
-    ids = prompt_ids + tok(done.choices[0].text)["input_ids"]
     with torch.no_grad():
-        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-    expected = [float(logp[i - 1, ids[i]]) for i in range(len(prompt_ids), len(ids))]
+        ref = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+        logp = model(torch.tensor([prompt_ids])).logits[0].log_softmax(-1)
+    generated = ref.sequences[0, len(prompt_ids):].tolist()
+    expected = [float(step[0].log_softmax(-1)[t]) for step, t in zip(ref.logits, generated)]
+    assert tok.decode(generated) == done.choices[0].text
     assert lp.token_logprobs == pytest.approx(expected, abs=1e-3)
 
     # echo: the prompt comes back first, its first token without a logprob
@@ -102,7 +105,7 @@ def test_completion_logprobs_are_the_models_log_probabilities_and_echo(client, t
     e = echoed.choices[0]
     assert e.text.startswith("def add") and e.logprobs.token_logprobs[0] is None
     assert e.logprobs.token_logprobs[1:len(prompt_ids)] == pytest.approx(
-        [float(logp[i - 1, ids[i]]) for i in range(1, len(prompt_ids))], abs=1e-3)
+        [float(logp[i - 1, prompt_ids[i]]) for i in range(1, len(prompt_ids))], abs=1e-3)
 
     # streamed logprobs match, with offsets that run on across chunks
     chunks = [c.choices[0] for c in client.completions.create(model="tinygpt", prompt="def add", max_tokens=12,
@@ -122,7 +125,7 @@ def test_embeddings_from_minilm_match_sentence_transformers(served, minilm_path)
 
     client = OpenAI(base_url=f"{served['cls']}/v1", api_key="unused", max_retries=0)
     texts = ["A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today."]
-    res = client.embeddings.create(model="tinycls", input=texts)
+    res = client.embeddings.create(model="tinycls", input=texts)  # the client asks for base64 and decodes it
     vectors = np.array([d.embedding for d in res.data])
     assert vectors.shape == (3, 384) and [d.index for d in res.data] == [0, 1, 2] and res.usage.prompt_tokens > 0
     assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0] * 3, abs=1e-5)
@@ -132,11 +135,11 @@ def test_embeddings_from_minilm_match_sentence_transformers(served, minilm_path)
     reference = SentenceTransformer(str(minilm_path), device="cpu").encode(texts, normalize_embeddings=True)
     assert np.abs(vectors - reference).max() < 1e-4
 
-    one = client.embeddings.create(model="tinycls", input=texts[0], encoding_format="base64")
     raw = httpx.post(f"{served['cls']}/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"},
                      timeout=60).json()["data"][0]["embedding"]
     assert np.frombuffer(base64.b64decode(raw), dtype="<f4") == pytest.approx(vectors[0], abs=1e-6)
-    assert np.array(one.data[0].embedding) == pytest.approx(vectors[0], abs=1e-6)  # the client decodes base64
+    floats = httpx.post(f"{served['cls']}/v1/embeddings", json={"input": texts[0]}, timeout=60).json()
+    assert floats["data"][0]["embedding"] == pytest.approx(vectors[0].tolist(), abs=1e-6)
 
     # batched like classify: concurrent requests share forwards
     before = httpx.get(f"{served['cls']}/healthz").json()["replica"]["batches"]
