@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylm.config import load_config
-from raylm.data import assign_splits, prepare
+from raylm.data import EmptySplitError, prepare, split_of
 from raylm.data.clean import scrub_pii
 
 
@@ -62,12 +62,39 @@ def test_classification_rows_padded_with_labels(prepared_cls):
 
 
 @pytest.mark.timeout(30)
-def test_split_assignment_is_seeded_and_disjoint():
-    ids = [f"d{i}" for i in range(200)]
-    a = assign_splits(ids, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
-    assert a == assign_splits(list(reversed(ids)), {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
-    assert a != assign_splits(ids, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=1)
-    assert sorted(list(a.values()).count(s) for s in ("train", "val", "test")) == [30, 30, 140]
+def test_split_of_is_a_seeded_hash_of_the_doc_id():
+    fr = {"train": 0.7, "val": 0.15, "test": 0.15}
+    ids = [f"d{i}" for i in range(2000)]
+    a = [split_of(i, fr, seed=0) for i in ids]
+    assert a == [split_of(i, fr, seed=0) for i in ids]  # per document: no ranking, no read order
+    assert a != [split_of(i, fr, seed=1) for i in ids]
+    assert abs(a.count("train") / 2000 - 0.7) < 0.04 and abs(a.count("val") / 2000 - 0.15) < 0.03
+
+
+def test_jsonl_reader_keeps_a_record_with_u2028(tmp_path):
+    from raylm.config import Source
+    from raylm.data.readers import parse_jsonl
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "first line\u2028still the same record", "label": "a"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"text": "second record"}) + "\n{broken\n", encoding="utf-8")
+    items = list(parse_jsonl(str(path), 0, path.stat().st_size, Source(path=str(path))))
+    assert [(t, r) for _, t, _, r in items] == [("first line\u2028still the same record", None), ("second record", None),
+                                                (None, "unparsable")]
+
+
+def test_csv_reader_keeps_a_300k_field_for_max_chars_to_decide(tmp_path):
+    from raylm.config import Clean, Source
+    from raylm.data.clean import clean_text
+    from raylm.data.readers import parse_csv
+
+    path = tmp_path / "docs.csv"
+    long = ("lorem ipsum dolor sit amet " * 12_000)[:300_000]
+    path.write_text("text,label\n" + f'"{long}",x\n' + "a short but valid second document here,y\n")
+    items = list(parse_csv(str(path), 0, path.stat().st_size, Source(path=str(path), label_field="label")))
+    assert [len(t) for _, t, _, _ in items] == [300_000, 38] and all(r is None for *_, r in items)
+    assert clean_text(items[0][1], Clean(max_chars=400_000))[1] is None  # kept when max_chars allows it
+    assert clean_text(items[0][1], Clean())[1] == "too_long"  # dropped only by max_chars (200000)
 
 
 @pytest.mark.timeout(30)
@@ -112,7 +139,7 @@ def test_cleaning_counts_every_drop_and_near_dedup(ray_session, tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", "data.block_size=32", "data.shards_per_split=2",
                              f"data.sources=[{{path: {tmp_path / 'nasty'}, format: txt}}, "
                              f"{{path: {tmp_path / 'nasty/page.html'}, format: html}}, {{path: {tmp_path / 'docs.jsonl'}}}]",
-                             "data.tokenizer={train: {type: wordpiece, vocab_size: 300}}", "data.clean.min_chars=40"])
+                             "data.tokenizer={train: {type: bpe, vocab_size: 300}}", "data.clean.min_chars=40"])
     m = prepare(cfg)
     assert m["dropped"].get("undecodable") == 2 and m["dropped"].get("empty") == 1
     assert m["dropped"].get("too_long") == 1 and m["dropped"].get("too_short") == 1
@@ -120,9 +147,80 @@ def test_cleaning_counts_every_drop_and_near_dedup(ray_session, tmp_path):
     # ... and every distinct document survived: 40 + mojibake + page.html (read twice, once as an exact duplicate)
     assert m["documents_kept"] == 40 + 2
     assert m["duplicates"]["exact"] == 1
-    shards = lambda: {p.relative_to(cfg.path("data")): hashlib.sha256(p.read_bytes()).hexdigest()
-                      for p in sorted(cfg.path("data").rglob("*.parquet"))}
-    first = shards()
-    m2 = prepare(cfg)  # determinism: byte-identical shards, same counts
-    assert shards() == first and len(first) >= 6
+    rejected = pq.read_table(cfg.path("data", "rejected"))
+    assert rejected.num_rows == sum(m["dropped"].values())  # every dropped document, with its reason
+    assert sorted(set(rejected["reason"].to_pylist())) == sorted(m["dropped"])
+    assert m["duplicates"]["cluster_sizes"] and set(m["stages_s"]) >= {"read+clean", "dedup", "tokenizer"}
+
+    def shards(c):
+        return {p.relative_to(c.path("data")): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(c.path("data").rglob("*.parquet")) if "rejected" not in p.parts and "documents.parquet" not in p.parts}
+
+    first = shards(cfg)
+    # determinism: a second run into a FRESH output_dir (no tokenizer to reuse) writes byte-identical shards
+    cfg2 = cfg.model_copy(update={"output_dir": str(tmp_path / "out2")})
+    m2 = prepare(cfg2)
+    assert shards(cfg2) == first and len(first) >= 3
     assert {k: m2[k] for k in ("splits", "dropped", "duplicates")} == {k: m[k] for k in ("splits", "dropped", "duplicates")}
+    tok = lambda c: json.loads(c.path("data", "tokenizer", "tokenizer.json").read_text())["model"]
+    assert tok(cfg2) == tok(cfg)
+
+
+@pytest.mark.timeout(300)
+def test_near_dedup_equals_plain_datasketch(ray_session):
+    import ray
+
+    from raylm.config import Clean
+    from raylm.data.clean import exact_key
+    from raylm.data.dedup import find_duplicates, reference_duplicates
+
+    rng = random.Random(3)
+    vocab = [f"w{i}" for i in range(400)]
+    docs = []
+    for i in range(300):
+        words = rng.choices(vocab, k=120)
+        docs.append(" ".join(words))
+        if i % 4 == 0:  # near duplicates with 1..12 words changed: some above, some below the threshold
+            dup = list(words)
+            for j in rng.sample(range(120), rng.randint(1, 12)):
+                dup[j] = "zz"
+            docs.append(" ".join(dup))
+        if i % 25 == 0:
+            docs.append(" ".join(words).upper())  # an exact duplicate up to case
+    items = [(f"d{i:05d}", t) for i, t in enumerate(docs)]
+    cfg = Clean(near_dup_threshold=0.7)
+    expected = reference_duplicates(items, cfg)
+    ds = ray.data.from_items([{"doc_id": d, "text": t, "exact_key": exact_key(t)} for d, t in items], override_num_blocks=4)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        counts = find_duplicates(ds, cfg, len(items), Path(tmp) / "drops.parquet")
+        got = pq.read_table(Path(tmp) / "drops.parquet").to_pydict()
+    assert 20 < len(expected) < 75 + 12  # the planted pairs and exact copies, not everything
+    assert set(got["doc_id"]) == expected
+    assert counts["exact"] == 12 and counts["exact"] + counts["near"] == len(expected)
+    assert sum(int(k) * v for k, v in counts["cluster_sizes"].items()) - counts["clusters"] == len(expected)
+
+
+@pytest.mark.timeout(600)
+def test_train_rows_are_shuffled_across_labels_and_empty_split_is_an_error(ray_session, tmp_path, minilm_path):
+    rng = random.Random(5)
+    src = tmp_path / "by_label"
+    src.mkdir()
+    for label, words in {"alpha": "sun sky star", "beta": "rock stone sand", "gamma": "rain cloud snow"}.items():
+        lines = [{"text": f"{label} " + " ".join(rng.choice(words.split() + ["the", "a", "of", str(i)]) for _ in range(30)),
+                  "label": label} for i in range(120)]
+        (src / f"{label}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    base = [f"data.sources=[{{path: {src}, format: jsonl, label_field: label}}]", "model.task=classification",
+            f"data.tokenizer={{pretrained: {minilm_path}}}", "data.block_size=32", "data.clean.min_chars=20",
+            "data.clean.dedup=exact"]
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", *base])
+    prepare(cfg)
+    first = pq.read_table(cfg.path("data", "train")).slice(0, 64)["label"].to_pylist()
+    assert len(set(first)) == 3  # documents of all three files mixed from the start, not one file after another
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps({"text": f"document number {i} with enough words in it", "label": "x"}) + "\n" for i in range(3)))
+    bad = load_config(None, [f"output_dir={tmp_path / 'out2'}", *base, f"data.sources=[{{path: {tiny}, label_field: label}}]",
+                             "data.split={train: 0.98, val: 0.01, test: 0.01}"])
+    with pytest.raises(EmptySplitError, match=r"data\.split\.(val|test)"):
+        prepare(bad)

@@ -207,6 +207,8 @@ class TokenizerTrain(Strict):
     type: Literal["bpe", "wordpiece", "unigram"] = "bpe"
     vocab_size: int = Field(8000, ge=64, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
+    sample_bytes: int = Field(256 << 20, ge=1 << 16, description="train on a seeded sample of about this many "
+                              "bytes of the train split's text (the whole split when smaller)")
 
 
 class TokenizerCfg(Strict):

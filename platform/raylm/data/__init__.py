@@ -1,9 +1,12 @@
-"""`raylm prepare`: raw text to tokenized Parquet shards with Ray Data.
+"""`raylm prepare`: raw text to tokenized Parquet shards with Ray Data, streaming end to end.
 
-read (readers.py) -> clean (clean.py) -> dedup exact/near (dedup.py) -> split documents by seed -> train or load
-the tokenizer on the train split (tokenizer.py) -> tokenize, pack, write shards (pack.py) -> manifest.json.
-Everything lands in a temporary directory renamed to `output_dir/data` at the end, so a crashed run never
-leaves a half-written `data/` behind. See docs/CONTRACTS.md (`data/`) for the layout other stages read.
+read (readers.py) -> clean (clean.py) -> staged Parquet -> dedup exact/near over (key, doc_id) pairs (dedup.py)
+-> apply drops, split each document by a seeded hash of its id -> staged Parquet -> train the tokenizer on a
+bounded seeded sample of the train split (tokenizer.py) or load one -> tokenize, shuffle, pack, write shards
+(pack.py) -> manifest.json. The driver holds counts, never per-document state: every count is a Ray Data
+aggregation, drops travel as Parquet, not as lists. Every dropped document lands in `data/rejected/` with its
+reason. Everything lands in a temporary directory renamed to `output_dir/data` at the end, so a crashed run
+never leaves a half-written `data/` behind. See docs/CONTRACTS.md (`data/`) for the layout other stages read.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import platform
 import shutil
 import time
 import uuid
-from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,17 +27,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import DataContext
+from ray.data.aggregate import Count, Sum
 
-from raylm.config import Config
+from raylm.config import Config, ConfigError
 from raylm.data.clean import PII_TYPES, clean_batch
-from raylm.data.dedup import exact_duplicates, near_duplicates
-from raylm.data.pack import pack_group, tokenize_classification, tokenize_lm, write_shards
+from raylm.data.dedup import find_duplicates
+from raylm.data.pack import (num_groups, order_group, pack_group, shuffled_rows, tokenize_classification,
+                             tokenize_lm, write_shards)
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
 from raylm.data.tokenizer import build_tokenizer, special_ids
-from raylm.storage import resolve as resolve_storage, shard_dir, stage_io, write_json_atomic
+from raylm.storage import list_files, resolve as resolve_storage, shard_dir, stage_io, write_json_atomic
 
-__all__ = ["prepare", "assign_splits", "SPLITS"]
+__all__ = ["prepare", "split_of", "SPLITS", "EmptySplitError"]
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 # shard schemas by "is classification" (docs/CONTRACTS.md `data/`)
@@ -42,41 +47,94 @@ SHARD_SCHEMAS = {
     False: pa.schema([("input_ids", pa.list_(pa.int32()))]),
     True: pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("label", pa.int64())]),
 }
+REJECTED_COLUMNS = ["doc_id", "source", "reason", "text"]  # + `language` when clean_batch adds it
+DOC_COLUMNS = ["doc_id", "source", "text", "label"]
+BUCKET_CHARS = 128 << 20  # text characters per bucket when drops are applied (one map_groups call each)
 
 
-def assign_splits(doc_ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
-    """doc_id -> split. Documents are ranked by a seeded hash and cut by the fractions (rounded; a split with a
-    positive fraction gets at least one document when there are enough), so the result depends only on the
-    set of ids and the seed, never on read order."""
-    ranked = sorted(doc_ids, key=lambda d: hashlib.blake2b(f"{seed}:{d}".encode(), digest_size=8).digest())
-    n = len(ranked)
-    n_val = round(n * fractions["val"]) or (1 if fractions["val"] > 0 and n >= 3 else 0)
-    n_test = round(n * fractions["test"]) or (1 if fractions["test"] > 0 and n >= 3 else 0)
-    n_train = n - n_val - n_test
-    return {d: ("train" if i < n_train else "val" if i < n_train + n_val else "test") for i, d in enumerate(ranked)}
+class EmptySplitError(ConfigError):
+    """A split with a positive fraction got no documents (or no full block): the corpus is too small for it."""
 
 
-def pack_groups(split_of: dict[str, str], shards: int) -> dict[str, int]:
-    """doc_id -> pack group: contiguous runs (in doc_id order) of each split, one run per output shard."""
-    groups = {}
-    for split in SPLITS:
-        ids = sorted(d for d, s in split_of.items() if s == split)
-        k = max(1, min(shards, len(ids)))
-        groups.update({d: i * k // len(ids) for i, d in enumerate(ids)})
-    return groups
+def unit_hash(key: str) -> float:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
 
 
-def drop_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch["doc_id"], value_set=pa.array(ids, pa.string()))))
+def split_of(doc_id: str, fractions: dict[str, float], seed: int) -> str:
+    """A document's split from a seeded hash of its id alone: stable, streaming, independent of read order."""
+    u = unit_hash(f"{seed}:split:{doc_id}")
+    return "train" if u < fractions["train"] else "val" if u < fractions["train"] + fractions["val"] else "test"
 
 
-def in_split(ds: ray.data.Dataset, split: str) -> ray.data.Dataset:
-    return ds.map_batches(lambda t: t.filter(pc.equal(t["split"], split)), batch_format="pyarrow")
+def with_split(batch: pa.Table, fractions: dict[str, float], seed: int) -> pa.Table:
+    splits = [split_of(d, fractions, seed) for d in batch["doc_id"].to_pylist()]
+    return batch.append_column("split", pa.array(splits, pa.string()))
 
 
-def annotate(batch: pa.Table, assignment: dict[str, tuple[str, int]]) -> pa.Table:
-    split, group = zip(*(assignment[d] for d in batch["doc_id"].to_pylist())) if batch.num_rows else ((), ())
-    return batch.append_column("split", pa.array(split, pa.string())).append_column("pack_group", pa.array(group, pa.int64()))
+def in_sample(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
+    """The tokenizer's sample: documents whose seeded hash falls under `fraction`."""
+    keep = [unit_hash(f"{seed}:tokenizer:{d}") < fraction for d in batch["doc_id"].to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def where(column: str, value: str | None):
+    """map_batches filter: rows whose `column` equals `value` (None: is null)."""
+    def keep(t: pa.Table) -> pa.Table:
+        return t.filter(pc.is_null(t[column]) if value is None else pc.equal(t[column], value))
+    return keep
+
+
+def keep_raw_text(batch: pa.Table, cfg, quality) -> pa.Table:
+    """clean_batch, keeping the raw text of a document it drops (for data/rejected/; bounded by 10x max_chars)."""
+    out = clean_batch(batch, cfg, quality)
+    raw = pc.utf8_slice_codeunits(batch["text"], 0, 10 * cfg.max_chars)
+    text = pc.if_else(pc.and_(pc.is_valid(out["reason"]), pc.is_null(out["text"])), raw, out["text"])
+    return out.set_column(out.column_names.index("text"), "text", text)
+
+
+def add_chars(batch: pa.Table) -> pa.Table:
+    return batch.append_column("n_chars", pc.fill_null(pc.utf8_length(batch["text"]), 0).cast(pa.int64()))
+
+
+def resolve_drops(group: pa.Table) -> pa.Table:
+    """Ray Data map_groups over one bucket of documents and dedup drop markers: each document with its dedup
+    reason (null: kept), in doc_id order."""
+    is_marker = pc.is_null(group["source"])
+    markers, docs = group.filter(is_marker), group.filter(pc.invert(is_marker))
+    idx = pc.index_in(docs["doc_id"], value_set=markers["doc_id"].combine_chunks())
+    reason = pc.take(markers["reason"], idx)
+    docs = docs.set_column(docs.column_names.index("reason"), "reason", reason).drop_columns(["bucket"])
+    return docs.take(pc.sort_indices(docs, [("doc_id", "ascending")]))
+
+
+def bucketed(batch: pa.Table, buckets: int) -> pa.Table:
+    b = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "little") % buckets for d in batch["doc_id"].to_pylist()]
+    return batch.append_column("bucket", pa.array(b, pa.int64()))
+
+
+def as_marker(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A drop marker row in the documents' schema: only doc_id and reason set (source null marks it)."""
+    n = batch.num_rows
+    cols = {f.name: (batch[f.name] if f.name in ("doc_id", "reason") else pa.nulls(n, f.type)) for f in schema}
+    return pa.table(cols, schema=schema)
+
+
+class Progress:
+    """One line per stage (rows/s, MB/s) and each stage's wall time for the manifest."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.time()
+        info: dict = {}
+        yield info
+        dt = time.time() - t
+        self.stages[name] = round(dt, 2)
+        rows, mb = info.get("rows"), info.get("bytes", 0) / 1e6
+        rate = f": {rows:,} rows, {mb:,.1f} MB ({rows / max(dt, 1e-9):,.0f} rows/s, {mb / max(dt, 1e-9):,.2f} MB/s)" if rows is not None else ""
+        print(f"raylm prepare: {name} {dt:.1f}s{rate}", flush=True)
 
 
 def require_label(batch: pa.Table) -> pa.Table:
@@ -106,16 +164,17 @@ def versions() -> dict[str, str]:
 
 
 @stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
+@stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
 def prepare(cfg: Config) -> dict:
     """Run the data stage for `cfg`; writes `output_dir/data/` and returns the manifest."""
     from ray.data.context import ShuffleStrategy
 
     ctx = DataContext.get_current()
     saved = (ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.default_hash_shuffle_parallelism)
-    # rows keep their read order through every map/filter: same config + seed -> byte-identical shards
+    # rows keep their order through every map/filter: same config + seed -> byte-identical shards
     ctx.execution_options.preserve_order = True
-    # task-based sort shuffle with few partitions: the actor-based hash shuffle (200 partitions by default)
-    # costs minutes of start-up on a small machine for a few MB of data
+    # task-based sort shuffle, partitions sized from the data: the actor-based hash shuffle (200 partitions by
+    # default) costs minutes of start-up on a small machine
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.default_hash_shuffle_parallelism = 4
     try:
@@ -124,9 +183,19 @@ def prepare(cfg: Config) -> dict:
         ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.default_hash_shuffle_parallelism = saved
 
 
+def read_staged(path: Path, columns: list[str] | None = None) -> ray.data.Dataset:
+    return ray.data.read_parquet(str(path), columns=columns)
+
+
+def write_staged(ds: ray.data.Dataset, path: Path) -> None:
+    """Stream `ds` to Parquet files under `path` (added to what is there)."""
+    ds.write_parquet(str(path))
+
+
 def _prepare(cfg: Config) -> dict:
     start = time.time()
-    d, task, block = cfg.data, cfg.model.task, cfg.data.block_size
+    d, task, block, seed = cfg.data, cfg.model.task, cfg.data.block_size, cfg.seed
+    fractions = d.split.model_dump()
     final_dir = cfg.path("data")
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     work = final_dir.with_name(f".data.tmp-{uuid.uuid4().hex[:8]}")
@@ -182,7 +251,7 @@ def _prepare(cfg: Config) -> dict:
             if dups["exact"] + dups["near"]:
                 buckets = max(1, -(-kept_chars // BUCKET_CHARS))
                 docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
-                schema = docs.schema().base_schema
+                schema = pa.schema(list(zip(docs.schema().names, docs.schema().types)))
                 markers = read_staged(stage_dir / "drops", ["doc_id", "reason"]).map_batches(
                     as_marker, fn_kwargs={"schema": schema}, batch_format="pyarrow")
                 docs = (docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
@@ -242,9 +311,9 @@ def _prepare(cfg: Config) -> dict:
                     rows = shuffled_rows(part, tokenize_lm, {"tokenizer": tok, "task": task, "seed": seed}, groups,
                                          pack_group, {"block_size": block})
                 out = shard_dir(cfg, work, split)  # the run's temp dir, or the object store itself
-                shards = write_shards(rows, out, split, d.shards_per_split)
+                shards = write_shards(rows, out, split, d.shards_per_split) if split_docs[split] else []
                 fs, path = resolve_storage(out)
-                n_rows = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
+                n_rows = 0 if not shards else sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
                 if fractions[split] > 0 and not n_rows:
                     raise EmptySplitError(f"data.split.{split}", f"{split_docs[split]} documents but not one block of "
                                           f"{block} tokens; add documents, lower data.block_size, or set it to 0")
@@ -254,7 +323,7 @@ def _prepare(cfg: Config) -> dict:
                                    filesystem=fs)
                     shards = [f"{split}-00000.parquet"]
                 if task == "classification":
-                    tokens = int(ray.data.read_parquet(str(out), columns=["attention_mask"]).map_batches(
+                    tokens = int(ray.data.read_parquet(path, filesystem=fs, columns=["attention_mask"]).map_batches(
                         _mask_tokens, batch_format="pyarrow").sum("n") or 0) if n_rows else 0
                 else:
                     tokens = n_rows * block
@@ -286,6 +355,7 @@ def _prepare(cfg: Config) -> dict:
             "versions": versions(),
             "wall_time_s": round(time.time() - start, 2),
         }
+        shutil.rmtree(stage_dir)
         write_json_atomic(work / "manifest.json", manifest)
         # swap the finished directory in
         old = final_dir.with_name(f".data.old-{uuid.uuid4().hex[:8]}")
@@ -296,8 +366,18 @@ def _prepare(cfg: Config) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    per_split = ", ".join(f"{s} {v['tokens']:,}" for s, v in splits.items())
+    per_split_tokens = ", ".join(f"{s} {v['tokens']:,}" for s, v in splits.items())
     print(f"raylm prepare: {manifest['documents_read']:,} docs read -> {manifest['documents_kept']:,} kept "
-          f"({sum(manifest['dropped'].values()):,} dropped, {len(exact) + len(near):,} duplicates); "
-          f"tokens {per_split}; {manifest['wall_time_s']:.1f}s -> {final_dir}", flush=True)
+          f"({sum(manifest['dropped'].values()):,} dropped, {dups['exact'] + dups['near']:,} duplicates); "
+          f"tokens {per_split_tokens}; {manifest['wall_time_s']:.1f}s -> {final_dir}", flush=True)
     return manifest
+
+
+def _dropped_rows(batch: pa.Table, extra: list[str]) -> pa.Table:
+    """data/rejected/ rows: the dropped documents of a batch, with their reason."""
+    t = batch.filter(pc.is_valid(batch["reason"]))
+    return t.select(REJECTED_COLUMNS + extra)
+
+
+def _mask_tokens(t: pa.Table) -> pa.Table:
+    return pa.table({"n": [int(pc.sum(pc.list_flatten(t["attention_mask"])).as_py() or 0)]})

@@ -1,10 +1,15 @@
-"""Tokenize, pack and write: Ray Data map_batches tokenizes; LM documents are joined (EOS, or BERT-style
-`[CLS] doc [SEP]`) and cut into `block_size` blocks inside fixed pack groups (contiguous runs of the split's
-documents in doc_id order), so the blocks do not depend on Ray's block layout; classification rows are truncated
-and padded. Shards are written with `write_parquet` under deterministic names."""
+"""Tokenize, shuffle, pack and write. Each document gets a seeded 64-bit order key from its doc_id; its pack group
+is that key modulo the number of groups (sized from the split's text, about `GROUP_CHARS` per group), so groups
+are random, bounded subsets of the split. Ray Data map_batches tokenizes; a groupby over the pack group moves
+the token ids once, and each group's documents are laid out by order key (a seeded global random order, mixed
+across sources and labels), then LM documents are joined (EOS, or BERT-style `[CLS] doc [SEP]`) and cut into
+`block_size` blocks; classification rows are truncated and padded. The blocks do not depend on Ray's block
+layout, so the same config writes byte-identical shards. Shards are written with `write_parquet` under
+deterministic names."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -14,47 +19,72 @@ from ray.data.datasource import FilenameProvider
 
 from raylm.data.tokenizer import bert_style
 
+GROUP_CHARS = 64 << 20  # text characters per pack group: bounds one map_groups call's memory (~4 bytes/token)
 
-def tokenize_lm(batch: pa.Table, tokenizer, task: str) -> pa.Table:
+
+def order_keys(doc_ids: list[str], seed: int) -> np.ndarray:
+    """Seeded 63-bit key per document: its place in the shuffled order."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:order:{d}".encode(), digest_size=8).digest(), "little") >> 1
+                     for d in doc_ids], dtype=np.int64)
+
+
+def num_groups(chars: int) -> int:
+    return max(1, -(-chars // GROUP_CHARS))
+
+
+def with_order(table: pa.Table, seed: int, groups: int) -> pa.Table:
+    keys = order_keys(table["doc_id"].to_pylist(), seed)
+    return table.append_column("order", pa.array(keys, pa.int64())).append_column("pack_group", pa.array(keys % groups, pa.int64()))
+
+
+def tokenize_lm(batch: pa.Table, tokenizer, task: str, seed: int, groups: int) -> pa.Table:
     """One row per document: its token ids with the document separator(s) the packed layout uses."""
     tok = tokenizer  # the transformers tokenizer itself travels with the task: no shared filesystem needed
     backend = tok.backend_tokenizer
     texts = batch["text"].to_pylist()
     if bert_style(task):
-        encs = backend.encode_batch(texts, add_special_tokens=False)
-        ids = [[tok.cls_token_id, *e.ids, tok.sep_token_id] for e in encs]
+        ids = [[tok.cls_token_id, *e.ids, tok.sep_token_id] for e in backend.encode_batch(texts, add_special_tokens=False)]
     else:
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         ids = [[*e.ids, eos] for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return pa.table({"doc_id": batch["doc_id"], "pack_group": batch["pack_group"],
-                     "ids": pa.array(ids, pa.list_(pa.int32()))})
+    out = pa.table({"doc_id": batch["doc_id"], "ids": pa.array(ids, pa.list_(pa.int32()))})
+    return with_order(out, seed, groups)
 
 
 def pack_group(group: pa.Table, block_size: int) -> pa.Table:
-    """Ray Data map_groups: one pack group's documents (in doc_id order) concatenated and cut into blocks;
+    """Ray Data map_groups: one pack group's documents in order-key order, concatenated and cut into blocks;
     the last partial block of the group is dropped (no padding in LM shards)."""
-    order = np.argsort(np.array(group["doc_id"].to_pylist(), dtype=object), kind="stable")
+    order = np.argsort(group["order"].to_numpy(), kind="stable")
     ids = group["ids"]
     stream = np.concatenate([np.asarray(ids[int(i)].values, dtype=np.int32) for i in order]) if len(order) else np.zeros(0, np.int32)
     n = len(stream) // block_size
     blocks = stream[: n * block_size].reshape(n, block_size)
-    gid = group["pack_group"][0].as_py() if group.num_rows else 0
-    return pa.table({
-        "pack_group": pa.array([gid] * n, pa.int64()), "seq": pa.array(range(n), pa.int64()),
-        "input_ids": pa.array(list(blocks), pa.list_(pa.int32())),
-    })
+    return pa.table({"input_ids": pa.array(list(blocks), pa.list_(pa.int32()))})
 
 
-def tokenize_classification(batch: pa.Table, tokenizer, block_size: int, label_map: dict[str, int]) -> pa.Table:
+def tokenize_classification(batch: pa.Table, tokenizer, block_size: int, label_map: dict[str, int], seed: int,
+                            groups: int) -> pa.Table:
     """One row per document, truncated and padded to `block_size`, with its label id."""
     enc = tokenizer(batch["text"].to_pylist(), truncation=True, max_length=block_size, padding="max_length")
-    return pa.table({
+    out = pa.table({
         "doc_id": batch["doc_id"],
         "input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32())),
         "attention_mask": pa.array(enc["attention_mask"], pa.list_(pa.int8())),
         "label": pa.array([label_map[x] for x in batch["label"].to_pylist()], pa.int64()),
-        "n_tokens": pa.array([sum(m) for m in enc["attention_mask"]], pa.int64()),
     })
+    return with_order(out, seed, groups)
+
+
+def order_group(group: pa.Table) -> pa.Table:
+    """Ray Data map_groups (classification): the group's rows in order-key order."""
+    group = group.take(np.argsort(group["order"].to_numpy(), kind="stable"))
+    return group.select(["input_ids", "attention_mask", "label"])
+
+
+def shuffled_rows(docs: ray.data.Dataset, tokenize, kwargs: dict, groups: int, finish, finish_kwargs: dict) -> ray.data.Dataset:
+    """Tokenize `docs`, move each row to its pack group (the one shuffle of token ids) and lay each group out."""
+    rows = docs.map_batches(tokenize, fn_kwargs={**kwargs, "groups": groups}, batch_format="pyarrow", batch_size=256)
+    return rows.groupby("pack_group", num_partitions=groups).map_groups(finish, fn_kwargs=finish_kwargs, batch_format="pyarrow")
 
 
 class ShardNames(FilenameProvider):

@@ -2,12 +2,19 @@
 
 Built at run time with `inspect` (no download): a module's docstring, then every public class (with its public
 methods) and function, each as its signature and docstring. Reprs that vary between processes (object addresses,
-a worker's redirected stdout) are blanked so the corpus is identical run to run.
+a worker's redirected stdout) are blanked. What a module's docs say can depend on what the process imported
+before (a Ray worker's import history), so the corpus is rendered once per Python version in a clean subprocess
+(`python -S -s pydocs.py OUT`, fixed hash seed, stdlib only, modules in sorted order) and cached as JSONL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import os
+import platform
+import subprocess
 import importlib.util
 import inspect
 import io
@@ -15,6 +22,7 @@ import re
 import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 # modules with side effects at import (a browser, printing), platform-only ones, and the test suite
 SKIP = {
@@ -86,3 +94,39 @@ def module_document(name: str) -> str | None:
         elif inspect.isroutine(obj):
             parts.append(f"def {attr}{_signature(obj)}\n{_doc(obj)}".rstrip())
     return "\n\n".join(p for p in parts if p.strip())
+
+
+def render(out: str) -> None:
+    """Every module's document, in sorted order, as JSONL lines {"module", "text"} (run in a clean process)."""
+    tmp = f"{out}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for name in module_names():
+            text = module_document(name)
+            if text is not None:  # not importable on this platform: not part of the corpus
+                f.write(json.dumps({"module": name, "text": text}) + "\n")
+    os.replace(tmp, out)
+
+
+def cache_path() -> Path:
+    """Keyed by the interpreter and this file: another Python or another renderer renders anew."""
+    root = Path(os.environ.get("RAYLM_CACHE_DIR") or Path.home() / ".cache" / "raylm")
+    key = hashlib.sha256(Path(__file__).read_bytes() + sys.version.encode()).hexdigest()[:12]
+    return root / f"python-docs-{platform.python_version()}-{key}.jsonl"
+
+
+def corpus():
+    """The corpus as an Arrow table (module, text), rendered on first use."""
+    import pyarrow as pa
+
+    path = cache_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "HOME": os.environ.get("HOME", "/")}
+        subprocess.run([sys.executable, "-S", "-s", "-B", __file__, str(path)], check=True, env=env,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return pa.table({"module": [r["module"] for r in rows], "text": [r["text"] for r in rows]})
+
+
+if __name__ == "__main__":
+    render(sys.argv[1])

@@ -2,15 +2,16 @@
 
 Every reader yields the same columns: `doc_id` (unique, sorts in read order), `source`, `format`, `text`
 (None when unreadable), `label` (str or None) and `reason` (None, or why the document is already dropped,
-e.g. `undecodable`). Files are read as bytes with `ray.data.read_binary_files` and parsed in Ray tasks, so a
-binary or invalid-UTF-8 file becomes a counted drop instead of a crash.
+e.g. `undecodable`). Files are streamed by Ray tasks in bounded chunks (a large line-based file as several
+byte ranges) rather than Ray's native JSON/CSV readers, because a bad record must become one counted drop with
+a stable id (`<source index>|<path>|<offset>`) instead of failing its whole file; a binary or invalid-UTF-8
+record is dropped as `undecodable`.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
 from pathlib import Path
@@ -45,83 +46,117 @@ def label_str(value) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-# ------------------------------------------------------------------------- per-file parsers (bytes -> docs)
-def parse_jsonl(data: bytes, src: Source) -> Iterator[Doc]:
-    text = decode(data)
-    if text is None:
-        yield None, None, "undecodable"
-        return
-    for line in text.splitlines():
+# ------------------------------------------------------------------------- streaming per-file parsers
+# Each parser reads one byte range of one file and yields (position, text, label, reason); the position (a byte
+# offset or a record number) makes the doc_id, so ids are stable and sort in read order. Nothing holds more than
+# one record (or one whole-file document) in memory, so a 10 GB JSONL file streams through a task.
+Item = tuple[int, str | None, str | None, str | None]
+CHUNK_BYTES = 64 << 20  # line-based files larger than this are read as several ranges, in parallel
+BATCH_DOCS = 512  # documents per emitted table
+BATCH_CHARS = 16 << 20  # ... or this many characters, whichever comes first
+
+
+def is_binary(path: str) -> bool:
+    with open(path, "rb") as f:
+        return b"\x00" in f.read(65536)
+
+
+def lines_in_range(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for every line that starts in [start, end); lines split on b"\\n" only, so U+2028 and other
+    Unicode line separators inside a record stay in it."""
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the line straddling `start` belongs to the previous range
+        pos = f.tell()
+        while pos < end:
+            line = f.readline()
+            if not line:
+                return
+            yield pos, (line[3:] if pos == 0 and line.startswith(b"\xef\xbb\xbf") else line)
+            pos += len(line)
+
+
+def parse_jsonl(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
+    for pos, line in lines_in_range(path, start, end):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
+        except UnicodeDecodeError:
+            yield pos, None, None, "undecodable"
+            continue
         except json.JSONDecodeError:
-            yield None, None, "unparsable"
+            yield pos, None, None, "unparsable"
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get(src.text_field), str):
-            yield None, None, "no_text"
+            yield pos, None, None, "no_text"
             continue
-        yield obj[src.text_field], label_str(obj.get(src.label_field)) if src.label_field else None, None
+        yield pos, obj[src.text_field], label_str(obj.get(src.label_field)) if src.label_field else None, None
 
 
-def parse_txt(data: bytes, src: Source) -> Iterator[Doc]:
-    text = decode(data)
-    if text is None:
-        yield None, None, "undecodable"
-    elif src.split_lines:
-        for line in text.splitlines():
-            if line.strip():
-                yield line, None, None
-    else:
-        yield text, None, None
+def parse_txt(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
+    if not src.split_lines:
+        yield from parse_whole(path, start, end, src)
+        return
+    for pos, line in lines_in_range(path, start, end):
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield pos, None, None, "undecodable"
+            continue
+        if text.strip():
+            yield pos, text, None, None
 
 
-def parse_html(data: bytes, src: Source) -> Iterator[Doc]:
-    text = decode(data)
-    yield (text, None, None) if text is not None else (None, None, "undecodable")
+def parse_whole(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
+    """One document per file (txt, html)."""
+    with open(path, "rb") as f:
+        text = decode(f.read())
+    yield (0, text, None, None) if text is not None else (0, None, None, "undecodable")
 
 
-def _table_docs(table: pa.Table, src: Source) -> Iterator[Doc]:
-    if src.text_field not in table.column_names:
-        raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {table.column_names}")
-    texts = table[src.text_field].to_pylist()
-    labels = table[src.label_field].to_pylist() if src.label_field and src.label_field in table.column_names else [None] * len(texts)
-    for text, label in zip(texts, labels):
-        yield (text, label_str(label), None) if isinstance(text, str) else (None, None, "no_text")
+def parse_csv(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
+    # a record may hold a field of any length: only clean's max_chars decides (the default limit is 131072)
+    csv.field_size_limit(2**31 - 1)
+    with open(path, "r", encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        i = 0
+        try:
+            for i, row in enumerate(reader):
+                if i == 0 and src.text_field not in row:
+                    raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {list(row)}")
+                text = row.get(src.text_field)
+                yield (i, text, label_str(row.get(src.label_field)) if src.label_field else None, None) if text else (i, None, None, "no_text")
+        except (csv.Error, UnicodeDecodeError):
+            yield i + 1, None, None, "undecodable"  # the rest of the file cannot be read
 
 
-def parse_parquet(data: bytes, src: Source) -> Iterator[Doc]:
+def parse_parquet(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(io.BytesIO(data))
+        pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError):
-        yield None, None, "undecodable"
+        yield 0, None, None, "undecodable"
         return
-    yield from _table_docs(table, src)
+    names = pf.schema_arrow.names
+    if src.text_field not in names:
+        raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {names}")
+    columns = [src.text_field] + ([src.label_field] if src.label_field and src.label_field in names else [])
+    i = 0
+    for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=columns):
+        texts = batch.column(src.text_field).to_pylist()
+        labels = batch.column(src.label_field).to_pylist() if len(columns) > 1 else [None] * len(texts)
+        for text, label in zip(texts, labels):
+            yield (i, text, label_str(label), None) if isinstance(text, str) else (i, None, None, "no_text")
+            i += 1
 
 
-def parse_csv(data: bytes, src: Source) -> Iterator[Doc]:
-    text = decode(data)
-    if text is None:
-        yield None, None, "undecodable"
-        return
-    try:
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    except csv.Error:
-        yield None, None, "undecodable"
-        return
-    if rows and src.text_field not in rows[0]:
-        raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {list(rows[0])}")
-    for row in rows:
-        text = row.get(src.text_field)
-        yield (text, label_str(row.get(src.label_field)) if src.label_field else None, None) if text else (None, None, "no_text")
-
-
-PARSERS: dict[str, Callable[[bytes, Source], Iterator[Doc]]] = {
-    "jsonl": parse_jsonl, "txt": parse_txt, "html": parse_html, "parquet": parse_parquet, "csv": parse_csv,
+PARSERS: dict[str, Callable[[str, int, int, Source], Iterator[Item]]] = {
+    "jsonl": parse_jsonl, "txt": parse_txt, "html": parse_whole, "parquet": parse_parquet, "csv": parse_csv,
 }
+SPLITTABLE = {"jsonl", "txt"}  # line-based: a large file is read as several byte ranges (txt only with split_lines)
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -137,42 +172,61 @@ def expand_paths(pattern: str, key: str) -> list[str]:
     return sorted(str(f.resolve()) for f in files)
 
 
+def file_ranges(paths: list[str], splittable: bool) -> list[dict]:
+    out = []
+    for path in paths:
+        size = os.path.getsize(path)
+        cuts = list(range(0, size, CHUNK_BYTES)) if splittable and size > CHUNK_BYTES else [0]
+        out += [{"path": path, "start": s, "end": (cuts[i + 1] if i + 1 < len(cuts) else max(size, 1))} for i, s in enumerate(cuts)]
+    return out
+
+
 def read_files(src: Source, index: int) -> ray.data.Dataset:
     paths = expand_paths(src.path, f"data.sources.{index}.path")
     parse = PARSERS[src.format]
+    ranges = file_ranges(paths, src.format in SPLITTABLE and (src.format != "txt" or src.split_lines))
 
-    def parse_batch(batch: pa.Table) -> pa.Table:
-        rows = []
-        for path, data in zip(batch["path"].to_pylist(), batch["bytes"].to_pylist()):
-            for i, (text, label, reason) in enumerate(parse(data, src)):
-                rows.append({"doc_id": f"{index:03d}|{path}|{i:09d}", "source": src.name, "format": src.format,
+    def read_ranges(batch: pa.Table) -> Iterator[pa.Table]:
+        rows: list[dict] = []
+        chars = 0
+        for path, start, end in zip(batch["path"].to_pylist(), batch["start"].to_pylist(), batch["end"].to_pylist()):
+            items = iter([(0, None, None, "undecodable")]) if is_binary(path) else parse(path, start, end, src)
+            for pos, text, label, reason in items:
+                rows.append({"doc_id": f"{index:03d}|{path}|{pos:012d}", "source": src.name, "format": src.format,
                              "text": text, "label": label, "reason": reason})
-        return to_table(rows)
+                chars += len(text) if text else 0
+                if len(rows) >= BATCH_DOCS or chars >= BATCH_CHARS:
+                    yield to_table(rows)
+                    rows, chars = [], 0
+        if rows:
+            yield to_table(rows)
 
-    # one file per read task keeps a huge file from sharing a block with everything else
-    ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=min(len(paths), 64))
-    return ds.map_batches(parse_batch, batch_format="pyarrow", batch_size=8)
+    # one range per read task: a huge file never shares a task with everything else
+    ds = ray.data.from_items(ranges, override_num_blocks=max(1, min(len(ranges), 256)))
+    return ds.map_batches(read_ranges, batch_format="pyarrow", batch_size=1)
 
 
 def read_builtin(src: Source, index: int) -> ray.data.Dataset:
+    """The python-docs corpus, rendered once per Python version in a clean subprocess and cached (small: a few MB)."""
     from raylm.data import pydocs
 
-    names = pydocs.module_names()
+    table = pydocs.corpus()
     if src.max_docs:
-        names = names[: src.max_docs]
+        table = table.slice(0, src.max_docs)
+    n = table.num_rows
+    docs = pa.table({"doc_id": pa.array([f"{index:03d}|python-docs|{m}" for m in table["module"].to_pylist()], pa.string()),
+                     "source": pa.array([src.name] * n, pa.string()), "format": pa.array(["txt"] * n, pa.string()),
+                     "text": table["text"], "label": pa.nulls(n, pa.string()), "reason": pa.nulls(n, pa.string())})
+    return ray.data.from_arrow(docs).repartition(max(1, min(8, n // 16)))
 
-    def build(batch: pa.Table) -> pa.Table:
-        rows = []
-        for name in batch["module"].to_pylist():
-            text = pydocs.module_document(name)
-            if text is not None:  # not importable on this platform: not part of the corpus
-                rows.append({"doc_id": f"{index:03d}|python-docs|{name}", "source": src.name, "format": "txt",
-                             "text": text, "label": None, "reason": None})
-        return to_table(rows)
 
-    # modules are imported inside Ray workers, in parallel, and never in the driver
-    ds = ray.data.from_items([{"module": n} for n in names], override_num_blocks=max(1, min(8, len(names) // 16)))
-    return ds.map_batches(build, batch_format="pyarrow", batch_size=16)
+def _table_docs(table: pa.Table, src: Source) -> Iterator[Doc]:
+    if src.text_field not in table.column_names:
+        raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {table.column_names}")
+    texts = table[src.text_field].to_pylist()
+    labels = table[src.label_field].to_pylist() if src.label_field and src.label_field in table.column_names else [None] * len(texts)
+    for text, label in zip(texts, labels):
+        yield (text, label_str(label), None) if isinstance(text, str) else (None, None, "no_text")
 
 
 def read_hf_dataset(src: Source, index: int) -> ray.data.Dataset:

@@ -3,7 +3,6 @@ pretrained one; either way saved as a `transformers` tokenizer directory (`AutoT
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from pathlib import Path
@@ -99,40 +98,36 @@ def special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
     return {name: getattr(tok, name, None) for name in SPECIAL_ID_NAMES}
 
 
-def build_tokenizer(cfg: Config, train_texts: Callable[[], Iterable[str]], out_dir: Path) -> PreTrainedTokenizerBase:
-    """Train or load the configured tokenizer and save it to `out_dir`.
+def canonical(tok: PreTrainedTokenizerFast, cfg: TokenizerTrain) -> PreTrainedTokenizerFast:
+    """WordPiece training numbers its `##x` continuation characters in hash-map order (huggingface/tokenizers#1794):
+    renumber the vocab (specials first, then by length and text) so ids depend only on the set of tokens. WordPiece encodes by vocab membership,
+    not id order, so this changes no tokenization. Byte-level BPE is already deterministic (its alphabet is
+    fixed up front)."""
+    if cfg.type != "wordpiece":
+        return tok
+    state = json.loads(tok.backend_tokenizer.to_str())
+    vocab: dict[str, int] = state["model"]["vocab"]
+    specials = [a["content"] for a in sorted(state["added_tokens"], key=lambda a: a["id"])]
+    order = [t for t in specials if t in vocab] + sorted((t for t in vocab if t not in specials), key=lambda t: (len(t), t))
+    state["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    ids = state["model"]["vocab"]
+    for a in state["added_tokens"]:
+        a["id"] = ids[a["content"]]
+    post = state.get("post_processor") or {}
+    for spec in (post.get("special_tokens") or {}).values():
+        spec["ids"] = [ids[t] for t in spec["tokens"]]
+    backend = Tokenizer.from_str(json.dumps(state))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)})
 
-    HF `tokenizers` training breaks count ties by hash-map order, so two trainings on the same text can differ
-    (huggingface/tokenizers#1794). To keep a re-run of `prepare` byte-identical, a tokenizer trained by the
-    previous run on the same texts with the same settings (same `tokenizer_key` in its manifest) is reused."""
+
+def build_tokenizer(cfg: Config, train_texts: Callable[[], Iterable[str]], out_dir: Path) -> PreTrainedTokenizerBase:
+    """Train (on `train_texts()`, a bounded sample of the train split) or load the configured tokenizer and save
+    it to `out_dir`."""
     tcfg = cfg.data.tokenizer
     if tcfg.pretrained:
         tok = load_pretrained(tcfg.pretrained, cfg.model.task)
     else:
-        key = tokenizer_key(cfg, train_texts)
-        previous = cfg.path("data")
-        if previous_key(previous) == key:
-            tok = AutoTokenizer.from_pretrained(str(previous / "tokenizer"))
-        else:
-            tok = train_tokenizer(train_texts(), tcfg.train, cfg.model.task)
-            tok.model_max_length = cfg.data.block_size  # a model trained on these shards sees at most this many
-        tok.init_kwargs["raylm_tokenizer_key"] = key
+        tok = canonical(train_tokenizer(train_texts(), tcfg.train, cfg.model.task), tcfg.train)
+        tok.model_max_length = cfg.data.block_size  # a model trained on these shards sees at most this many
     tok.save_pretrained(str(out_dir))
     return tok
-
-
-def tokenizer_key(cfg: Config, train_texts: Callable[[], Iterable[str]]) -> str:
-    """What a trained tokenizer depends on: its settings, the task, the block size and every train text."""
-    h = hashlib.sha256(json.dumps([cfg.data.tokenizer.model_dump(mode="json"), cfg.model.task,
-                                   cfg.data.block_size]).encode())
-    for digest in sorted(hashlib.sha256(text.encode()).digest() for text in train_texts()):  # order-free
-        h.update(digest)
-    return h.hexdigest()
-
-
-def previous_key(data_dir: Path) -> str | None:
-    try:
-        saved = json.loads((data_dir / "tokenizer" / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return saved.get("raylm_tokenizer_key")
