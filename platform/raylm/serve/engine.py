@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 MAX_TOP_LOGPROBS = 5
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy (and a float32 division by it would overflow)
 
 
 @dataclass
@@ -68,10 +69,10 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------------------------ public
     def submit(self, seq: Sequence) -> None:
-        if seq.temperature > 0:
+        if seq.temperature >= MIN_TEMPERATURE:
             seq.generator = torch.Generator(device="cpu")
-            if seq.seed is not None:
-                seq.generator.manual_seed(seq.seed)
+            if seq.seed is not None:  # any JSON integer: torch takes 64 bits
+                seq.generator.manual_seed(seq.seed & 0xFFFF_FFFF_FFFF_FFFF)
             else:
                 seq.generator.seed()
         with self.wake:
@@ -170,8 +171,9 @@ class GenerationEngine:
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> int:
         """Pick the next token of `seq` from its raw logits, record it, emit its text delta (and logprob)."""
-        if seq.temperature > 0:
-            probs = (logits / seq.temperature).softmax(-1)
+        if seq.temperature >= MIN_TEMPERATURE:
+            # shift first: a tiny temperature sends the rest to -inf, never the best token to +inf (NaN)
+            probs = ((logits - logits.max()) / seq.temperature).softmax(-1)
             if seq.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 # keep the smallest prefix whose mass reaches top_p (always the most likely token)
