@@ -178,6 +178,7 @@ class GenerationEngine:
                 sorted_p, order = probs.sort(descending=True)
                 # keep the smallest prefix whose mass reaches top_p (always the most likely token)
                 drop = sorted_p.cumsum(-1) - sorted_p >= seq.top_p
+                drop[0] = False  # even when top_p underflows to 0 in float32 (e.g. 1e-155): never an empty draw
                 sorted_p[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
             token = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
