@@ -301,7 +301,8 @@ def test_prepare_keeps_every_reject_for_review_counts_them_and_repeats(ray_sessi
         "output_dir": str(tmp_path / "out"),
         "data": {"sources": [{"path": str(docs), "format": "jsonl"}, {"path": f"{intl}/*.txt", "format": "txt"}],
                  "clean": {"dedup": "exact"}, "quality": {"preset": "fineweb"},
-                 "tokenizer": {"train": {"type": "bpe", "vocab_size": 300}}, "block_size": 32, "shards_per_split": 1}}))
+                 "tokenizer": {"train": {"type": "bpe", "vocab_size": 300}}, "block_size": 32, "shards_per_split": 1,
+                 "split": {"train": 1.0, "val": 0.0, "test": 0.0}}}))  # 6 kept documents: one split
     cfg = load_config(cfg_file)
 
     m = prepare(cfg)
