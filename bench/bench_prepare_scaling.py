@@ -3,7 +3,7 @@
     python bench/bench_prepare_scaling.py                 # 1x = a quarter of the corpus, 4x = all of it (>= 200 MB)
     python bench/bench_prepare_scaling.py --base-mb 5     # development
 
-Each run is a fresh driver process (its own private Ray) calling `raylm.data.prepare` on a Parquet slice of the
+Each run is a fresh driver process (its own private Ray) calling `raylm.data.prepare` on a JSONL slice of the
 corpus (bench/corpus.py) with the default cleaning and near dedup and the benchmark's pretrained BPE 8k tokenizer
 (tokenizer training is not what scales here; `--train-tokenizer` uses the config default instead). The driver's
 peak RSS is its own `ru_maxrss`; wall time is the `prepare()` call (ray.init reported apart). Scales run in
@@ -39,7 +39,7 @@ def child(src: str, out: str, train_tok: bool) -> None:
     from raylm.data import prepare
 
     tok = [] if train_tok else [f"data.tokenizer={{pretrained: {CACHE / 'tokenizer-bpe8k'}}}"]
-    cfg = load_config(None, [f"output_dir={out}", f"data.sources=[{{path: {src}/*.parquet, format: parquet, text_field: text}}]",
+    cfg = load_config(None, [f"output_dir={out}", f"data.sources=[{{path: {src}/*.jsonl, format: jsonl, text_field: text}}]",
                              *tok])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ libboost1.81-doc (Boost Software License 1.0), cmake-doc (BSD-3-Clause), git-doc
 lxml (script/style/nav dropped). API docs are full of near-identical pages, which is what dedup is for.
 
 `docs(mb)` reads the first `mb` MB of text (a fixed order: package, then path) as a pyarrow Table
-(doc_id, text); `slice_dir(mb)` writes the same slice as a Parquet directory for `raylm prepare`.
+(doc_id, text); `slice_dir(mb)` writes the same slice as a JSONL directory for `raylm prepare`.
 """
 
 from __future__ import annotations
@@ -113,16 +113,18 @@ def docs(mb: float | None = None):
 
 
 def slice_dir(mb: float) -> Path:
-    """The first `mb` MB as a Parquet directory (cached), for a `raylm prepare` source."""
-    import pyarrow.parquet as pq
+    """The first `mb` MB as a JSONL directory (cached), for a `raylm prepare` source (`format: jsonl`)."""
+    import json
 
-    out = CACHE / "slices" / f"{mb:g}MB"
+    out = CACHE / "slices" / f"{mb:g}MB-jsonl"
     if not (out / "done").exists():
         out.mkdir(parents=True, exist_ok=True)
         t = docs(mb)
         step = 2000
         for i in range(0, t.num_rows, step):
-            pq.write_table(t.slice(i, step), out / f"part-{i // step:05d}.parquet")
+            with open(out / f"part-{i // step:05d}.jsonl", "w") as f:
+                for doc_id, text in zip(t["doc_id"][i:i + step].to_pylist(), t["text"][i:i + step].to_pylist()):
+                    f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
         (out / "done").write_text(str(t.num_rows))
     return out
 
