@@ -500,7 +500,8 @@ def test_rerun_resumes_past_a_damaged_checkpoint_and_a_finished_run_is_not_retra
         train(cfg)
     monkeypatch.delenv("RAYLM_FAULT_AT_STEP")
     run_dir = cfg.path("train", run_name(cfg))
-    by_step = {json.loads((d / "raylm_state.json").read_text())["step"]: d for d in run_dir.glob("checkpoint_*")}
+    by_step = {json.loads((d / "raylm_state.json").read_text())["step"]: d for d in run_dir.glob("checkpoint_*")
+               if d.is_dir()}  # (beside them: Ray's checkpoint_manager_snapshot.json)
     assert sorted(by_step) == [10, 20], by_step
     shard = max((p for p in by_step[20].rglob("*optim_states.pt")), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a write cut short
