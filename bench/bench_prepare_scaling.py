@@ -31,7 +31,8 @@ TIME_TARGET, RSS_TARGET = 1.15, 1.2
 
 
 def child(src: str, out: str, train_tok: bool) -> None:
-    """One prepare run in this (fresh) process; prints its figures as JSON on the last line."""
+    """One prepare run in this (fresh) process; writes its figures to <out>/bench-figures.json (stdout carries
+    Ray's and prepare's own log lines)."""
     from bench_tokenize import bench_tokenizer  # noqa: F401 - builds/caches the tokenizer before timing
     from common import CACHE, private_ray
 
@@ -48,10 +49,11 @@ def child(src: str, out: str, train_tok: bool) -> None:
     t0 = time.perf_counter()
     manifest = prepare(cfg)
     wall = time.perf_counter() - t0
-    print(json.dumps({"wall_s": wall, "ray_init_s": ray_init_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    Path(out, "bench-figures.json").write_text(json.dumps({"wall_s": wall, "ray_init_s": ray_init_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "rss_before_ray_mb": rss0 / 1024, "documents_read": manifest["documents_read"],
                       "documents_kept": manifest["documents_kept"], "duplicates": manifest["duplicates"],
                       "tokens": sum(s["tokens"] for s in manifest["splits"].values())}))
+    print(f"prepare-scaling child: {wall:.1f}s", flush=True)
 
 
 def main() -> None:
@@ -79,9 +81,9 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", str(slices[k]), out]
                 cmd += ["--train-tokenizer"] if args.train_tokenizer else []
                 p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode:
-                raise RuntimeError(f"prepare at {k}x failed:\n{p.stderr[-3000:]}")
-            return json.loads(p.stdout.strip().splitlines()[-1])
+                if p.returncode:
+                    raise RuntimeError(f"prepare at {k}x failed:\n{p.stderr[-3000:]}")
+                return json.loads(Path(out, "bench-figures.json").read_text())
         return run
 
     runs = interleave({f"{k}x": arm(k) for k in SCALES}, args.rounds)
