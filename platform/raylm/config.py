@@ -495,10 +495,6 @@ def is_loopback(host: str) -> bool:
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
 
-# output_dir URI schemes (pyarrow.fs): object stores, HDFS, Azure; file:// is a local path
-STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
-
-
 class Config(Strict):
     name: str = Field("raylm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "outputs/raylm"
