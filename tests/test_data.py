@@ -224,3 +224,19 @@ def test_train_rows_are_shuffled_across_labels_and_empty_split_is_an_error(ray_s
                              "data.split={train: 0.98, val: 0.01, test: 0.01}"])
     with pytest.raises(EmptySplitError, match=r"data\.split\.(val|test)"):
         prepare(bad)
+
+
+def test_parquet_source_is_read_not_dropped_as_binary(tmp_path):
+    """Parquet files hold NUL bytes by design: the binary-file guard applies to the text formats only."""
+    import pyarrow as pa
+
+    from raylm.config import Source
+    from raylm.data.readers import read_items
+
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": ["a parquet document", "another one"], "label": ["x", "y"]}), path)
+    items = list(read_items(str(path), 0, path.stat().st_size, Source(path=str(path), format="parquet", label_field="label")))
+    assert [(t, lbl, r) for _, t, lbl, r in items] == [("a parquet document", "x", None), ("another one", "y", None)]
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"text\x00with a NUL")
+    assert [r for *_, r in read_items(str(binary), 0, 15, Source(path=str(binary), format="txt"))] == ["undecodable"]

@@ -156,6 +156,7 @@ def parse_parquet(path: str, start: int, end: int, src: Source) -> Iterator[Item
 PARSERS: dict[str, Callable[[str, int, int, Source], Iterator[Item]]] = {
     "jsonl": parse_jsonl, "txt": parse_txt, "html": parse_whole, "parquet": parse_parquet, "csv": parse_csv,
 }
+BINARY_FORMATS = {"parquet"}  # NUL bytes are normal there; in the text formats they mark an undecodable file
 SPLITTABLE = {"jsonl", "txt"}  # line-based: a large file is read as several byte ranges (txt only with split_lines)
 
 
@@ -181,16 +182,22 @@ def file_ranges(paths: list[str], splittable: bool) -> list[dict]:
     return out
 
 
+def read_items(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
+    """The documents of one byte range of one file; a text file with NUL bytes is one `undecodable` drop."""
+    if src.format not in BINARY_FORMATS and is_binary(path):
+        return iter([(0, None, None, "undecodable")])
+    return PARSERS[src.format](path, start, end, src)
+
+
 def read_files(src: Source, index: int) -> ray.data.Dataset:
     paths = expand_paths(src.path, f"data.sources.{index}.path")
-    parse = PARSERS[src.format]
     ranges = file_ranges(paths, src.format in SPLITTABLE and (src.format != "txt" or src.split_lines))
 
     def read_ranges(batch: pa.Table) -> Iterator[pa.Table]:
         rows: list[dict] = []
         chars = 0
         for path, start, end in zip(batch["path"].to_pylist(), batch["start"].to_pylist(), batch["end"].to_pylist()):
-            items = iter([(0, None, None, "undecodable")]) if is_binary(path) else parse(path, start, end, src)
+            items = read_items(path, start, end, src)
             for pos, text, label, reason in items:
                 rows.append({"doc_id": f"{index:03d}|{path}|{pos:012d}", "source": src.name, "format": src.format,
                              "text": text, "label": label, "reason": reason})
