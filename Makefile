@@ -47,7 +47,8 @@ STRESS := train_faults load replica_kill
 
 stress: $(STAMP)
 	@fail=0; for s in $(STRESS); do echo "--- stress/$$s.py"; \
-	  timeout --signal=INT 1800 $(HEAVY) $(BIN)/python stress/$$s.py || fail=1; done; exit $$fail
+	  timeout --signal=INT 1800 $(HEAVY) $(BIN)/python stress/$$s.py || fail=1; done; \
+	  echo "--- tests marked stress"; $(HEAVY) $(BIN)/python -m pytest -v -m stress tests || fail=1; exit $$fail
 
 clean:
 	rm -rf $(VENV) outputs

@@ -189,7 +189,7 @@ def test_serve_beyond_loopback_requires_an_api_key(cli):
 # ------------------------------------------------------------------------------------ autoscaling
 FAKE_CLUSTER = {
     "cluster_name": "raylm-fake",
-    "max_workers": 2,
+    "max_workers": 3,
     "upscaling_speed": 1.0,
     "idle_timeout_minutes": 0.5,  # back down soon after the driver exits; shorter raced Ray Data actors being placed
     "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
@@ -198,7 +198,7 @@ FAKE_CLUSTER = {
     "available_node_types": {
         # the head has no CPU for Ray Data tasks: every task needs a worker node the autoscaler must add
         "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-        "cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        "cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3},
     },
     "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
     "file_mounts_sync_continuously": False, "initialization_commands": [], "setup_commands": [],
@@ -251,6 +251,9 @@ TINY_TUNE = ["--set", "model.arch={family: gpt2, n_layer: 1, d_model: 32, n_head
                       "space: {train.lr: {choice: [0.001, 0.003]}}}"]
 
 
+# In `make stress`, not `make test`: with max_workers 2 the second trial's Ray Data ingest waited for a CPU the
+# cap forbids (seen once, 2026-11-23); 3 workers leave room for it. Not yet run green: see the issue-10 note.
+@pytest.mark.stress
 @pytest.mark.timeout(1800)  # prepare + 2 trials on freshly launched fake nodes: >13 min on a 2-core box at load 40
 def test_fake_autoscaling_cluster_adds_workers_for_prepare_and_tune(tmp_path):
     """A head with 0 CPUs and min_workers 0, as the shipped cluster files: prepare, then `raylm tune` with 2 trials
