@@ -9,7 +9,6 @@ intact one beside it in the run's storage (with a warning): a truncated or delet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,23 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from raylm.storage import file_sha256
+
 log = logging.getLogger(__name__)
 
 MANIFEST_GLOB = "raylm_files.rank*.json"
 MANIFEST_RE = re.compile(r"^raylm_files\.rank(\d+)\.json$")
-CHUNK = 1 << 20
 
 
 def manifest_name(rank: int) -> str:
     return f"raylm_files.rank{rank}.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(directory: Path) -> Iterable[Path]:
