@@ -367,6 +367,9 @@ def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run):
     assert proc.returncode == 0, proc.stderr
 
 
+# In `make stress`: on 2026-11-23 the resume itself worked (new placement, resumed at step 2) but a second worker
+# loss after it ended the job with max_failures 1; not yet diagnosed (issue-10 note).
+@pytest.mark.stress
 @pytest.mark.timeout(900)
 def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode, multinode_run):
     """Kill the node (raylet process group) of one training worker after the first checkpoint: Ray Train restarts
