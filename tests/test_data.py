@@ -212,7 +212,8 @@ def test_train_rows_are_shuffled_across_labels_and_empty_split_is_an_error(ray_s
                   "label": label} for i in range(120)]
         (src / f"{label}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     base = [f"data.sources=[{{path: {src}, format: jsonl, label_field: label}}]", "model.task=classification",
-            f"data.tokenizer={{pretrained: {minilm_path}}}", "data.block_size=32", "data.clean.min_chars=20",
+            f"model.pretrained={minilm_path}", f"data.tokenizer={{pretrained: {minilm_path}}}", "data.block_size=32",
+            "data.clean.min_chars=20",
             "data.clean.dedup=exact"]
     cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", *base])
     prepare(cfg)
