@@ -86,7 +86,8 @@ def test_completion_logprobs_are_the_models_log_probabilities_and_echo(client, t
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     for value, top in zip(lp.token_logprobs, lp.top_logprobs):
         ranked = sorted(top.values(), reverse=True)
-        assert value <= 0 and value == pytest.approx(ranked[0], abs=1e-5) and len(top) == 3
+        # the legacy shape is a dict keyed by token text: byte tokens that decode to the same text ("\ufffd") merge
+        assert value <= 0 and value == pytest.approx(ranked[0], abs=1e-5) and 1 <= len(top) <= 3
     # the same numbers from plain transformers: greedy generate's raw logits, log-softmaxed
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
