@@ -91,7 +91,7 @@ DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler:LossScaler", "deep
 
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Every `torch.load` inside (DeepSpeed's own, which pass weights_only=False, included) runs with
+    """Every `torch.load` inside (DeepSpeed's own, which ask for full unpickling, included) runs with
     weights_only=True and only DeepSpeed's few state classes allowed: a checkpoint cannot run code when loaded."""
     import importlib
 

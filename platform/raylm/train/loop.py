@@ -275,7 +275,7 @@ def save_checkpoint(engine, state: State, probe: dict, directory: str, cfg: Conf
 
 
 def restore(engine, restore_dir: str, log: Callable[[str], None]) -> State:
-    with weights_only_loads():  # DeepSpeed unpickles with weights_only=False; never let a checkpoint run code
+    with weights_only_loads():  # DeepSpeed asks for full unpickling; never let a checkpoint run code
         _, client = engine.load_checkpoint(restore_dir, tag=CKPT_TAG)
     state = State(**client["raylm"])
     state.resumed_from.append(state.step)
