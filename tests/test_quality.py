@@ -287,6 +287,7 @@ def test_prepare_keeps_every_reject_for_review_counts_them_and_repeats(ray_sessi
     import yaml
 
     from raylm.data import prepare
+    from raylm.data.clean import clean_text
     from raylm.report import quality_card
 
     english = {**CLEAN, **{k: v[0] for k, v in DAMAGED.items() if k not in ("german", "french", "spanish")}}
@@ -315,17 +316,19 @@ def test_prepare_keeps_every_reject_for_review_counts_them_and_repeats(ray_sessi
     assert lang["by_language"] == {"de": 1, "es": 1, "fr": 1, "la": 1}
     assert lang["by_source"] == {f"{intl}/*.txt": 3, str(docs): 1}
     assert q["languages"]["en"] == {"kept": len(CLEAN), "dropped": sum(expected.values()) - 4}
+    # what data/rejected/ and the examples hold is the text the rules checked: cleaned (whitespace normalized)
+    checked = {k: clean_text(v[0], cfg.data.clean)[0] for k, v in DAMAGED.items()}
     for rule, stats in q["per_rule"].items():  # each example is a planted page of the right kind
-        assert stats["example_rejected"]["text"] in {v[0][:600] for v in DAMAGED.values() if v[1] == rule}
+        assert stats["example_rejected"]["text"] in {checked[k][:600] for k, v in DAMAGED.items() if v[1] == rule}
         assert any(stats["example_kept"]["text"][:100] in t for t in CLEAN.values())
 
     card = "\n".join(quality_card(q))  # report.md's data card
     assert "| language | 4 | 23.5% | not_en 4 |" in card and "| en | 6 | 7 |" in card
 
     rejected = pq.read_table(cfg.path("data", "rejected"))  # plain pyarrow, no raylm
-    assert rejected.num_rows == sum(m["dropped"].values()) + sum(m["duplicates"].values())
+    assert rejected.num_rows == sum(m["dropped"].values())  # duplicates are counted in "dropped" too
     rows = rejected.to_pylist()
-    assert sorted((r["reason"], r["text"]) for r in rows) == sorted((rule, text) for text, rule in DAMAGED.values())
+    assert sorted((r["reason"], r["text"]) for r in rows) == sorted((v[1], checked[k]) for k, v in DAMAGED.items())
     assert {r["language"] for r in rows if r["reason"] == "language"} == {"de", "es", "fr", "la"}
 
     shown = cli("inspect", "-c", str(cfg_file), "--reason", "language", "-n", "2")

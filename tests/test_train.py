@@ -323,19 +323,33 @@ def test_freeze_finds_embeddings_and_layers_in_any_family():
         frozen_modules(cls(config), load_config(None, ["model.freeze={layers: 3}"]))
 
 
-def test_checkpoint_choice_follows_train_metric():
-    """Ranked by train.metric in train.mode: the best val_accuracy wins even when another has the lowest val_loss."""
+def test_checkpoint_choice_follows_train_metric(tmp_path):
+    """Ranked by train.metric in train.mode: the best val_accuracy wins even when another has the lowest val_loss;
+    a damaged checkpoint is never chosen, however good its metric."""
     from types import SimpleNamespace
 
+    from ray.train import Checkpoint
+
+    from raylm.checkpoints import write_manifest
     from raylm.train import best_checkpoint
 
-    kept = [("ckpt-10", {"step": 10, "val_loss": 0.40, "val_accuracy": 0.70}),
-            ("ckpt-20", {"step": 20, "val_loss": 0.55, "val_accuracy": 0.85}),
-            ("ckpt-30", {"step": 30, "val_loss": 0.50, "val_accuracy": 0.80})]
+    def checkpoint(step: int, damaged: bool = False) -> Checkpoint:
+        d = tmp_path / f"checkpoint_{step}"
+        d.mkdir()
+        (d / "weights.bin").write_bytes(bytes(64))
+        write_manifest(d)
+        if damaged:
+            (d / "weights.bin").write_bytes(bytes(10))  # truncated after the manifest recorded it
+        return Checkpoint.from_directory(str(d))
+
+    kept = [(checkpoint(10), {"step": 10, "val_loss": 0.40, "val_accuracy": 0.70}),
+            (checkpoint(20), {"step": 20, "val_loss": 0.55, "val_accuracy": 0.85}),
+            (checkpoint(30), {"step": 30, "val_loss": 0.50, "val_accuracy": 0.80}),
+            (checkpoint(40, damaged=True), {"step": 40, "val_loss": 0.10, "val_accuracy": 0.99})]
     result = SimpleNamespace(best_checkpoints=kept, path="results")
-    assert best_checkpoint(result, "val_accuracy", "max")[0] == "ckpt-20"
-    assert best_checkpoint(result, "val_loss", "min")[0] == "ckpt-10"
-    assert best_checkpoint(result, "val_accuracy", "max", best_step=30)[0] == "ckpt-30"  # early stopping's best
+    assert best_checkpoint(result, "val_accuracy", "max")[1]["step"] == 20
+    assert best_checkpoint(result, "val_loss", "min")[1]["step"] == 10
+    assert best_checkpoint(result, "val_accuracy", "max", best_step=30)[1]["step"] == 30  # early stopping's best
     # tune ranks trials by the same metric: given in either section, the other follows; a conflict is an error
     cfg = load_config(None, ["model.task=classification", "model.arch.family=bert",
                              "tune={metric: val_accuracy, mode: max, space: {train.lr: {choice: [0.001]}}}"])

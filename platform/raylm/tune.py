@@ -339,29 +339,39 @@ def make_tuner(cfg: Config):
     return tuner, path
 
 
-def trial_status(result, max_t: int) -> str:
+def trial_status(result, evaluations: int, max_t: int) -> str:
     """finished: ran to the end (or stopped by training's own early stopping); stopped_early: by the scheduler."""
     if result.error is not None:
         return "error"
-    metrics = result.metrics or {}
-    if metrics.get("early_stopped") or metrics.get("training_iteration", 0) >= max_t:
+    if (result.metrics or {}).get("early_stopped") or evaluations >= max_t:
         return "finished"
     return "stopped_early"
+
+
+def metric_curve(result, metric: str) -> list[dict]:
+    """One point per training step: a trial resumed from its checkpoint reports the steps after it again, so
+    Tune's history can hold a step twice (the later report wins)."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df:
+        return []
+    by_step = {}
+    for _, r in df.iterrows():
+        if r.get(metric) == r.get(metric):  # not NaN
+            step = int(r.get("step", r["training_iteration"]))
+            by_step[step] = {"iteration": int(r["training_iteration"]), "step": step, "value": float(r[metric])}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def trial_rows(cfg: Config, grid, max_t: int) -> list[dict]:
     metric, better = cfg.tune.metric, (min if cfg.tune.mode == "min" else max)
     rows = []
     for result in grid:
-        df = result.metrics_dataframe
-        curve = [] if df is None or metric not in df else [
-            {"iteration": int(r["training_iteration"]), "step": int(r.get("step", r["training_iteration"])),
-             "value": float(r[metric])} for _, r in df.iterrows() if r.get(metric) == r.get(metric)]
+        curve = metric_curve(result, metric)
         rows.append({
             "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
             "path": result.path,
             "hyperparameters": {k: v for k, v in (result.config or {}).items()},
-            "status": trial_status(result, max_t),
+            "status": trial_status(result, len(curve), max_t),
             "metric": better(p["value"] for p in curve) if curve else None,
             "last_metric": curve[-1]["value"] if curve else None,
             "iterations": len(curve),

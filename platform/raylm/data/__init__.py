@@ -30,7 +30,7 @@ from ray.data import DataContext
 from ray.data.aggregate import Count, Sum
 
 from raylm.config import Config, ConfigError
-from raylm.data.clean import PII_TYPES, clean_batch
+from raylm.data.clean import PII_TYPES, clean_batch, scrub_pii
 from raylm.data.dedup import find_duplicates
 from raylm.data.pack import (num_groups, order_group, pack_group, shuffled_rows, tokenize_classification,
                              tokenize_lm, write_shards)
@@ -85,11 +85,14 @@ def where(column: str, value: str | None):
 
 
 def keep_raw_text(batch: pa.Table, cfg, quality) -> pa.Table:
-    """clean_batch, keeping the raw text of a document it drops (for data/rejected/; bounded by 10x max_chars)."""
+    """clean_batch, keeping for data/rejected/ the text of a document it drops: the text the quality rules checked,
+    else the raw text (bounded by 10x max_chars, PII-scrubbed like kept text)."""
     out = clean_batch(batch, cfg, quality)
-    raw = pc.utf8_slice_codeunits(batch["text"], 0, 10 * cfg.max_chars)
-    text = pc.if_else(pc.and_(pc.is_valid(out["reason"]), pc.is_null(out["text"])), raw, out["text"])
-    return out.set_column(out.column_names.index("text"), "text", text)
+    dropped_early = pc.and_(pc.is_valid(out["reason"]), pc.is_null(out["text"])).to_pylist()
+    raw = pc.utf8_slice_codeunits(batch["text"], 0, 10 * cfg.max_chars).to_pylist()
+    text = [(scrub_pii(r)[0] if cfg.scrub_pii and r else r) if early else t
+            for early, r, t in zip(dropped_early, raw, out["text"].to_pylist())]
+    return out.set_column(out.column_names.index("text"), "text", pa.array(text, pa.string()))
 
 
 def add_chars(batch: pa.Table) -> pa.Table:
