@@ -102,7 +102,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         # Logical CPUs above the core count so Ray Data's read/map tasks can run beside training workers that
         # hold one CPU each (2 workers on a 2-core laptop would otherwise starve the data pipeline).
         init_kwargs.setdefault("num_cpus", max(4, os.cpu_count() or 1))
-        # The dashboard stays on: without it, Tune over Ray Train V2 left placement groups behind (STACK-NOTES).
+        # The dashboard stays on (STACK-NOTES); trial placement groups are released by tune.ReleaseFinishedTrials.
         init_kwargs.setdefault("include_dashboard", True)
         # "local": a new cluster even when a (possibly stale) ray_current_cluster file names another one
         ray.init(address=LOCAL, runtime_env=runtime_env(joining=False), **init_kwargs)

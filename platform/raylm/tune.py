@@ -331,8 +331,8 @@ def make_tuner(cfg: Config):
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                                    scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg, concurrency),
-                                    max_concurrent_trials=concurrency),
+                                    # the searcher enforces the cap (Tune ignores max_concurrent_trials beside one)
+                                    scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg, concurrency)),
         run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=fs, verbose=1,
                                   callbacks=[ReleaseFinishedTrials()]),
     )
