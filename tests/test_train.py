@@ -71,6 +71,7 @@ def test_zero2_causal_lm_learns_and_exports_hf_model(lm_run):
     assert written["best_step"] == summary["best_step"] and written["evals"] == summary["evals"]
     assert probe_logits_match(model_dir, summary["checkpoint"], "AutoModelForCausalLM") < 1e-4
     assert not list(model_dir.parent.glob(".model.tmp-*"))  # atomic export leaves no temp dirs
+    assert model_dir.is_symlink() and model_dir.resolve().parent.name == ".model.versions"  # swapped, versioned
 
 
 @pytest.mark.timeout(900)

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,11 +254,60 @@ def _swap_in(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+VERSION_RE = re.compile(r"^v(\d{6,})-")
+
+
+def versions_dir(target: Path) -> Path:
+    return target.with_name(f".{target.name}.versions")
+
+
+def staging_dir(target: str | os.PathLike) -> Path:
+    """A fresh temp directory beside `target` to build its next version in; ones a killed run left are removed
+    (one writer per output_dir)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def publish_dir(new: str | os.PathLike, target: str | os.PathLike, keep: int = 2) -> Path:
+    """Make the finished local directory `new` the one `target` names, in one atomic step: `new` moves to
+    `.<name>.versions/<version>/` and `target` becomes a relative symlink to it, swapped in by a rename, so a
+    reader that resolves `target` once (see `materialize`) reads the old version or the new one, never a mix.
+    The newest `keep` versions stay (a replica may still be loading the previous one); older ones are removed.
+    Returns the version's directory."""
+    new, target = Path(new), Path(target)
+    versions = versions_dir(target)
+    versions.mkdir(parents=True, exist_ok=True)
+
+    def next_version() -> Path:  # v<sequence>-<UTC time>: names sort in publishing order
+        seq = max((int(m.group(1)) for p in versions.iterdir() if (m := VERSION_RE.match(p.name))), default=0)
+        return versions / f"v{seq + 1:06d}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+
+    if target.is_dir() and not target.is_symlink():  # a directory from before versioning: keep it as a version
+        os.replace(target, next_version())
+    version = next_version()
+    os.replace(new, version)
+    link = target.with_name(f".{target.name}.link-{uuid.uuid4().hex[:8]}")
+    os.symlink(os.path.relpath(version, target.parent), link)
+    os.replace(link, target)  # the swap: rename(2) of a symlink over the old one is atomic
+    current = target.resolve()
+    finished = sorted(p for p in versions.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+    for old in finished[:-keep] if keep > 0 else finished:
+        if old.resolve() != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for stray in target.parent.glob(f".{target.name}.link-*"):  # symlinks a killed swap left
+        stray.unlink(missing_ok=True)
+    return version
+
+
 def materialize(model: str | os.PathLike) -> Path:
-    """A local directory for a model reference: a local path as is; a URI downloaded into this node's cache
-    (`cache_root()/models/...`) and verified against the store's marker (reused while it still matches)."""
+    """A local directory for a model reference: a local path resolved once (a versioned directory's symlink is
+    read here, so a swap while the caller loads files cannot mix versions); a URI downloaded into this node's
+    cache (`cache_root()/models/...`) and verified against the store's marker (reused while it still matches)."""
     if not is_uri(model):
-        return local_path(model)
+        return local_path(model).resolve()
     return download_dir(str(model), mirror_dir(str(model), "models"))
 
 

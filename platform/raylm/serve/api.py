@@ -320,7 +320,7 @@ class Ingress:
 
         from raylm.storage import materialize
 
-        model_dir = str(materialize(model_dir))  # a URI: this replica's local copy, verified against the store
+        model_dir = str(materialize(model_dir))  # one version: a versioned dir resolved once, a URI verified
         self.model = model
         self.name = name
         self.task = model_task(model_dir, task)

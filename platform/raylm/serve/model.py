@@ -139,7 +139,7 @@ class ModelServer:
 
         from raylm.storage import materialize
 
-        model_dir = str(materialize(model_dir))  # a URI: this replica's local copy, verified against the store
+        model_dir = str(materialize(model_dir))  # one version: a versioned dir resolved once, a URI verified
         if num_threads:
             torch.set_num_threads(num_threads)
         self.task = model_task(model_dir, task)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from raylm.chat_template import write_chat_template
 from raylm.checkpoints import verify, weights_only_loads
 from raylm.config import Config
+from raylm.storage import publish_dir, staging_dir
 from raylm.train.loop import CKPT_TAG, STATE_FILE
 from raylm.train.models import build_model, tokenizer_dir, unwrap_lora
 
@@ -55,18 +55,14 @@ def export_checkpoint(cfg: Config, manifest: dict, ckpt_dir: str | Path, model_d
     """Write `model_dir` (default output_dir/model) from one checkpoint: weights, tokenizer, summary; atomically."""
     model_dir = Path(model_dir or cfg.path("model"))
     model = load_checkpoint_model(cfg, manifest, ckpt_dir)
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = staging_dir(model_dir)
     model.save_pretrained(tmp, safe_serialization=True)
     for f in tokenizer_dir(cfg).iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
     write_chat_template(tmp, cfg.model.task, cfg.model.chat_template)
     (tmp / "training_summary.json").write_text(json.dumps(summary or {}, indent=2, default=float))
-    old = model_dir.with_name(f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    if model_dir.exists():
-        model_dir.rename(old)
-    tmp.rename(model_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, model_dir)  # model/ -> .model.versions/<version>: serving replicas never see a mix
     return model_dir
 
 
