@@ -373,3 +373,32 @@ def test_tensor_parallel_group_sees_identical_batches():
     assert not set(seen[0].flatten().tolist()) & set(seen[2].flatten().tolist())
     assert len(seen[0]) == cfg.train.batch_size
     assert total_steps(cfg, {"splits": {"train": {"rows": 40}}}, world_size=4) == 10
+
+
+def test_train_shards_come_in_a_seeded_file_order_new_each_epoch(ray_session, tmp_path):
+    """The trainer reads train shards in a file order drawn from `seed`, a new one for each pass (epoch), the
+    same sequence of orders on every run; val is read as written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data import DataContext
+
+    from raylm.train import train_datasets
+
+    for split, n in (("train", 8), ("val", 3)):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(n):
+            pq.write_table(pa.table({"input_ids": [[i]]}), tmp_path / "data" / split / f"{split}-{i:05d}.parquet")
+    ctx = DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True  # file order, not task timing
+    try:
+        def epochs(seed: int) -> list[list[int]]:
+            ds = train_datasets(load_config(None, [f"output_dir={tmp_path}", f"seed={seed}"]))
+            assert [r["input_ids"][0] for r in ds["val"].iter_rows()] == [0, 1, 2]
+            return [[r["input_ids"][0] for r in ds["train"].iter_rows()] for _ in range(3)]
+
+        first = epochs(3)
+        assert all(sorted(o) == list(range(8)) for o in first) and first[0] != list(range(8))
+        assert len({tuple(o) for o in first}) == 3  # reshuffled every epoch
+        assert epochs(3) == first and epochs(4) != first  # deterministic from the seed
+    finally:
+        ctx.execution_options.preserve_order = saved

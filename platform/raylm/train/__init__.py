@@ -65,15 +65,13 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
                  tracking_parent: str | None = None):
     import os
 
-    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     manifest = manifest or check_inputs(cfg)
     t = cfg.train
     # shards and checkpoints live where output_dir points (local or an object store): Ray reads and writes them there
-    datasets = {split: ray.data.read_parquet(path, filesystem=fs)
-                for split in ("train", "val") for fs, path in [storage.resolve(cfg.uri("data", split))]}
+    datasets = train_datasets(cfg)
     storage_fs, storage_dir = storage.resolve(str(storage_path or cfg.uri("train")))
     run_config = RunConfig(
         name=name or run_name(cfg),
@@ -97,6 +95,19 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
         datasets=datasets,
         dataset_config=data_config(cfg),
     )
+
+
+def train_datasets(cfg: Config) -> dict:
+    """The train and val shards as Ray Datasets, read where output_dir points. Train shards come in a seeded file
+    order, reseeded for each pass (epoch): deterministic from `seed`, different every epoch."""
+    import ray.data
+
+    datasets = {}
+    for split in ("train", "val"):
+        fs, path = storage.resolve(cfg.uri("data", split))
+        shuffle = ray.data.FileShuffleConfig(seed=cfg.seed, reseed_after_execution=True) if split == "train" else None
+        datasets[split] = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle)
+    return datasets
 
 
 def data_config(cfg: Config):
