@@ -47,9 +47,12 @@ def serve_tiny_gpt2(name: str = "stress", **serve_settings) -> str:
 
 def replica_pids(deployment: str = "ModelServer") -> list[int]:
     """PIDs of the live replica actors of one deployment (Ray's state API)."""
+    import ray
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    # this script's cluster by address: with none given, the state API refuses when another cluster runs here
+    address = ray.get_runtime_context().gcs_address
+    return [a.pid for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10_000)
             if a.class_name and deployment in a.class_name and a.pid]
 
 
