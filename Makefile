@@ -43,7 +43,7 @@ bench-%: $(STAMP)
 
 # long fault and load runs (issue 14; never part of `make test`): each prints its figure and exits 1 when its
 # promise is broken. HEAVY prefixes each command, as for bench.
-STRESS := train_faults load replica_kill
+STRESS := train_faults load replica_kill tune_repeat
 
 stress: $(STAMP)
 	@fail=0; for s in $(STRESS); do echo "--- stress/$$s.py"; \
