@@ -257,10 +257,6 @@ def _swap_in(new: Path, target: Path) -> None:
 VERSION_RE = re.compile(r"^v(\d{6,})-")
 
 
-def versions_dir(target: Path) -> Path:
-    return target.with_name(f".{target.name}.versions")
-
-
 def staging_dir(target: str | os.PathLike) -> Path:
     """A fresh temp directory beside `target` to build its next version in; ones a killed run left are removed
     (one writer per output_dir)."""
@@ -278,7 +274,7 @@ def publish_dir(new: str | os.PathLike, target: str | os.PathLike, keep: int = 2
     The newest `keep` versions stay (a replica may still be loading the previous one); older ones are removed.
     Returns the version's directory."""
     new, target = Path(new), Path(target)
-    versions = versions_dir(target)
+    versions = target.with_name(f".{target.name}.versions")
     versions.mkdir(parents=True, exist_ok=True)
 
     def next_version() -> Path:  # v<sequence>-<UTC time>: names sort in publishing order
@@ -294,7 +290,7 @@ def publish_dir(new: str | os.PathLike, target: str | os.PathLike, keep: int = 2
     os.replace(link, target)  # the swap: rename(2) of a symlink over the old one is atomic
     current = target.resolve()
     finished = sorted(p for p in versions.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
-    for old in finished[:-keep] if keep > 0 else finished:
+    for old in finished[:-keep]:
         if old.resolve() != current:
             shutil.rmtree(old, ignore_errors=True)
     for stray in target.parent.glob(f".{target.name}.link-*"):  # symlinks a killed swap left
