@@ -243,3 +243,9 @@ def device_choices(logs: str) -> list[tuple[int, str, str, str, str]]:
             seen.add(m.group(1))
             out.append((int(m.group(2)), *m.groups()[2:]))
     return out
+
+
+def log_tail(logs: str, chars: int = 6000) -> str:
+    """The end of a job's log for an assertion message, without Ray Data's progress-bar redraws."""
+    lines = [ln for ln in logs.splitlines() if "\x1b[A" not in ln and "row/s]" not in ln and ln.strip()]
+    return "\n".join(lines)[-chars:]

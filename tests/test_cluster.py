@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from ray_head import BIN, PrivateHead, device_choices, free_port, job_state, readme_submit
+from ray_head import BIN, PrivateHead, device_choices, free_port, job_state, log_tail, readme_submit
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -343,7 +343,7 @@ def multinode_run(multinode, tmp_path_factory):
 def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run):
     run, out = multinode_run, multinode_run["out"]
     print(f"multi-node run.py job: {run['state']} in {run['wall_s']:.0f}s")
-    assert run["state"] == "SUCCEEDED", run["logs"][-6000:]
+    assert run["state"] == "SUCCEEDED", log_tail(run["logs"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and all(s["status"] == "ok" for s in summary["steps"].values()), summary
     assert set(summary["steps"]) >= {"prepare", "train", "evaluate", "serve", "request"}
@@ -367,19 +367,16 @@ def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run):
     assert proc.returncode == 0, proc.stderr
 
 
-# In `make stress`: on 2026-11-23 the resume itself worked (new placement, resumed at step 2) but a second worker
-# loss after it ended the job with max_failures 1; not yet diagnosed (issue-10 note).
-@pytest.mark.stress
 @pytest.mark.timeout(900)
 def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode, multinode_run):
     """Kill the node (raylet process group) of one training worker after the first checkpoint: Ray Train restarts
     the worker group on the surviving and the spare node, from that checkpoint, and finishes."""
     out = multinode_run["out"]
     assert (out / "data" / "manifest.json").is_file(), "needs the prepared data of the multi-node run"
-    steps = 40
+    steps = 16
     start = time.time()
     job_id, state, _ = readme_submit(multinode, "train.py", out, *MULTINODE_DATA, *MULTINODE_TRAIN,
-                                     "--set", f"train.max_steps={steps}", "--set", "train.eval_every=2",
+                                     "--set", f"train.max_steps={steps}", "--set", "train.eval_every=8",
                                      "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=50",
                                      wait=False, timeout=120)
     assert state in ("PENDING", "RUNNING"), state
@@ -388,7 +385,7 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
     deadline = time.time() + 420
     while time.time() < deadline:
         state, logs = job_state(multinode, job_id)
-        assert state in ("PENDING", "RUNNING"), f"job ended before the kill ({state}):\n{logs[-5000:]}"
+        assert state in ("PENDING", "RUNNING"), f"job ended before the kill ({state}):\n{log_tail(logs)}"
         placed = {rank: node for rank, *_, node in device_choices(logs)}
         ckpts = sorted(p for p in (out / "train").glob("run-*/checkpoint_*") if p.is_dir()
                        and p.stat().st_mtime >= start)
@@ -402,7 +399,7 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
             killed_at = time.time()
             break
         time.sleep(1)
-    assert victim is not None, f"no checkpoint within the deadline:\n{logs[-5000:]}"
+    assert victim is not None, f"no checkpoint within the deadline:\n{log_tail(logs)}"
     spare = next(n.node_id for n in multinode.nodes if n.node_id not in first_placement.values())
     while time.time() < killed_at + 420:
         state, logs = job_state(multinode, job_id)
@@ -410,7 +407,7 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
             break
         time.sleep(3)
     wall = time.time() - start
-    assert state == "SUCCEEDED", logs[-8000:]
+    assert state == "SUCCEEDED", log_tail(logs, 8000)
     resumed = [int(m) for m in re.findall(r"resumed from checkpoint at step (\d+)", logs)]
     placements = device_choices(logs)
     after = {rank: node for rank, *_, node in placements[len(first_placement):]}

@@ -132,7 +132,8 @@ def test_run_with_output_dir_in_s3(s3, cli, repo_root, tmp_path):
     cfg["data"]["block_size"] = 64
     cfg["data"]["shards_per_split"] = 2
     cfg["model"]["arch"] = {"family": "gpt2", "n_layer": 1, "d_model": 64, "n_head": 2}
-    cfg["train"].update(max_steps=4, eval_every=2, checkpoint_every=2, eval_batches=2, batch_size=4)
+    cfg["train"].update(max_steps=4, eval_every=2, checkpoint_every=2, eval_batches=2, batch_size=4,
+                        tracking=["tensorboard"])
     cfg["serve"].update(port=free_port(), num_cpus_per_replica=0.5,
                         autoscaling={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2})
     path = tmp_path / "s3.yaml"
@@ -141,6 +142,10 @@ def test_run_with_output_dir_in_s3(s3, cli, repo_root, tmp_path):
 
     proc = cli("run", "-c", str(path), "--no-wait", "--address", "local", env=env, timeout=870)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # `raylm inspect` reads the train shards where prepare wrote them: in the bucket
+    proc = cli("inspect", "-c", str(path), "--reason", "kept", "-n", "1", env=env, timeout=120)
+    assert proc.returncode == 0 and "train row 0" in proc.stdout, proc.stderr[-2000:]
 
     os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
     try:
@@ -153,6 +158,13 @@ def test_run_with_output_dir_in_s3(s3, cli, repo_root, tmp_path):
         # data: shards, manifest and the marker written last
         assert {"data/manifest.json", f"data/{storage.MARKER}"} <= set(stored)
         assert all(any(k.startswith(f"data/{s}/") and k.endswith(".parquet") for k in stored) for s in ("train", "test"))
+        # what prepare's Ray tasks write on any node went to the bucket itself; its staged passes are gone
+        assert any(k.startswith("data/documents.parquet/") for k in stored), sorted(stored)[:40]
+        assert any(k.startswith("data/rejected/") and k.endswith(".parquet") for k in stored), sorted(stored)[:40]
+        assert not [k for k in stored if k.startswith("data/.stage")], "staged passes left in the bucket"
+        mirrors = tmp_path / "node-cache" / "runs"  # ... never in this node's mirror, nor pulled back into it
+        assert list(mirrors.glob("*/data/manifest.json")), "the mirror is where the test expects it"
+        assert not list(mirrors.glob("*/data/rejected/*.parquet")) and not list(mirrors.glob("*/data/train/*.parquet"))
         # Ray Train wrote its checkpoints straight to the bucket: complete (state + every rank's manifest)
         ckpts = {m.group(1) for k in stored if (m := re.match(r"(train/[^/]+/checkpoint_[^/]+)/", k))}
         assert ckpts, sorted(stored)[:40]
@@ -161,7 +173,9 @@ def test_run_with_output_dir_in_s3(s3, cli, repo_root, tmp_path):
             assert {"raylm_state.json", "raylm_files.rank0.json", "raylm_files.rank1.json"} <= names, (ckpt, names)
             assert any(n.startswith("ds/") and n.endswith("optim_states.pt") for n in names), (ckpt, names)
         assert {"model/config.json", "model/model.safetensors", f"model/{storage.MARKER}", "metrics.json",
-                "report.md", "summary.json"} <= set(stored)
+                "report.md", "summary.json", "model/README.md", f"tracking/{storage.MARKER}"} <= set(stored)
+        assert any(k.startswith("tracking/tensorboard/") and "tfevents" in k for k in stored), sorted(stored)
+        assert "README.md" in json.loads(storage.read_bytes(f"{out}/model/{storage.MARKER}"))["files"]
         metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
         assert metrics["model_dir"] == f"{out}/model" and metrics["rows"] > 0
 
@@ -172,6 +186,7 @@ def test_run_with_output_dir_in_s3(s3, cli, repo_root, tmp_path):
         from transformers import AutoModelForCausalLM
 
         assert AutoModelForCausalLM.from_pretrained(local).config.n_layer == 1
+        assert "model-index" in (local / "README.md").read_text(), "the model card came with the model"
     finally:
         os.environ.pop("AWS_ENDPOINT_URL", None)
         os.environ.pop(storage.CACHE_ENV, None)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raylm.config import Config, ConfigError
-from raylm.storage import list_files, materialize, resolve as resolve_storage, stage_io, write_json_atomic
+from raylm.storage import add_file, is_uri, list_files, materialize, resolve as resolve_storage, stage_io, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +400,8 @@ def evaluate(cfg: Config, model_dir: str | Path | None = None) -> dict[str, Any]
     metrics["wall_time_s"] = round(time.time() - start, 2)
     write_json_atomic(cfg.uri("metrics.json"), metrics)
     write_report(cfg, metrics, model_dir)
-    write_model_card(cfg, model_dir, metrics)  # model/README.md: the metrics now exist
+    card = write_model_card(cfg, model_dir, metrics)  # model/README.md: the metrics now exist
+    if is_uri(model_ref):  # model_dir is this node's cache of the stored model: the card goes to the store too
+        add_file(model_ref, card)
     log.info("evaluate: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics

@@ -204,6 +204,19 @@ def upload_dir(local: str | os.PathLike, uri: str, keep: Iterable[str] = ()) -> 
     return index
 
 
+def add_file(uri: str, local: str | os.PathLike) -> None:
+    """Put one more local file into the uploaded directory at `uri` and list it in the marker (rewritten after the
+    file: a reader meanwhile sees the old, still complete, listing)."""
+    local = Path(local)
+    fs, root = resolve(uri)
+    index = read_marker(uri)
+    with open(local, "rb") as src, fs.open_output_stream(f"{root}/{local.name}") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+    index["files"][local.name] = {"size": local.stat().st_size, "sha256": file_sha256(local)}
+    with fs.open_output_stream(f"{root}/{MARKER}") as f:
+        f.write(json.dumps(index, indent=1, sort_keys=True).encode())
+
+
 def read_marker(uri: str) -> dict:
     fs, root = resolve(uri)
     try:
@@ -308,7 +321,9 @@ def materialize(model: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ stage sync
-SHARDS = ("train", "val", "test", "documents.parquet")  # grow with the corpus: Ray Data reads them in the store
+# what prepare's Ray Data tasks write (on any node) and what grows with the corpus: with a remote output_dir these
+# live in the store itself and are never copied into a mirror
+IN_STORE = ("train", "val", "test", "documents.parquet", "rejected", ".stage")
 
 
 @dataclass(frozen=True)
@@ -318,19 +333,28 @@ class StageIO:
     in_store: dict[str, tuple[str, ...]] = field(default_factory=dict)  # part -> entries Ray writes in place
 
 
-SPLIT_DIRS = ("train", "val", "test")
 STAGE_IO: dict[str, StageIO] = {
-    # Ray Data's write tasks run on any node: the shards go straight to the store, the rest through the mirror
-    "prepare": StageIO(push=("data",), in_store={"data": SPLIT_DIRS}),
-    "train": StageIO(pull={"data": SHARDS}, push=("model",)),
-    "tune": StageIO(pull={"data": SHARDS}, push=("model",)),
-    "evaluate": StageIO(pull={"data": SHARDS}, push=("report.md", "plots")),
+    "prepare": StageIO(push=("data",), in_store={"data": IN_STORE}),
+    # tracking/ (TensorBoard, MLflow SQLite) as rank 0 and the driver wrote it on this node: one node's view
+    "train": StageIO(pull={"data": IN_STORE, "tracking": ()}, push=("model", "tracking")),
+    "tune": StageIO(pull={"data": IN_STORE, "tracking": ()}, push=("model", "tracking")),
+    "evaluate": StageIO(pull={"data": IN_STORE}, push=("report.md", "plots")),
 }
 
 
-def shard_dir(cfg, work: Path, split: str) -> str | Path:
-    """Where prepare's Ray Data tasks write a split: the run's temp dir, or the store itself (see STAGE_IO)."""
-    return join(cfg.uri("data"), split) if is_uri(cfg.output_dir) else work / split
+def task_dir(cfg, work: Path, part: str) -> str | Path:
+    """Where prepare's Ray tasks write `part` of data/ (shards, staged passes, rejected documents): the run's
+    temp dir on a local output_dir; the store itself on a remote one, so that tasks on every node write there."""
+    return join(cfg.uri("data"), part) if is_uri(cfg.output_dir) else work / part
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a directory (a local path or a URI prefix) and everything under it; a missing one is fine."""
+    fs, root = resolve(path)
+    try:
+        fs.delete_dir(root)
+    except FileNotFoundError:
+        pass
 
 
 def pull(output_dir: str, part: str, skip: Iterable[str] = ()) -> Path:

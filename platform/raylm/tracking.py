@@ -127,8 +127,9 @@ TRACKERS: dict[str, Callable[..., Any]] = {
 class Tracker:
     """Fans each call out to the configured backends; with none configured (or off rank 0) every call is a no-op."""
 
-    def __init__(self, backends: list | None = None):
+    def __init__(self, backends: list | None = None, on_close: Callable[[], None] | None = None):
         self.backends = backends or []
+        self.on_close = on_close
 
     def log_params(self, params: dict) -> None:
         for b in self.backends:
@@ -147,6 +148,8 @@ class Tracker:
     def close(self) -> None:
         for b in self.backends:
             b.close()
+        if self.on_close:
+            self.on_close()
 
 
 def read_runs(root: Path) -> dict[str, str]:
@@ -162,15 +165,25 @@ def record_run(root: Path, run: str, run_id: str) -> None:
 
 
 def open_tracking(cfg_dict: dict, tracking_dir: str | None, run: str, rank: int = 0,
-                  parent: str | None = None) -> Tracker:
-    """The tracker for one Ray Train run (rank 0 only), its params logged; `parent`: the Tune search's run name."""
+                  parent: str | None = None, store: str | None = None) -> Tracker:
+    """The tracker for one Ray Train run (rank 0 only), its params logged; `parent`: the Tune search's run name.
+    `store`: output_dir/tracking in an object store: rank 0 may run on any node, so it starts from the stored copy
+    (a restarted group continues the same MLflow run) and uploads its own when it closes."""
     kinds = (cfg_dict.get("train") or {}).get("tracking") or []
     if rank != 0 or not kinds or not tracking_dir:
         return Tracker()
     root = Path(tracking_dir)
+    on_close = None
+    if store:
+        from raylm import storage
+
+        if storage.exists(storage.join(store, storage.MARKER)):
+            storage.download_dir(store, root)
+        on_close = lambda: storage.upload_dir(root, store)  # noqa: E731
     root.mkdir(parents=True, exist_ok=True)
     parent_run_id = read_runs(root).get(parent) if parent else None
-    tracker = Tracker([TRACKERS[k](root, run, cfg_dict.get("name", "raylm"), parent, parent_run_id) for k in kinds])
+    tracker = Tracker([TRACKERS[k](root, run, cfg_dict.get("name", "raylm"), parent, parent_run_id) for k in kinds],
+                      on_close)
     tracker.log_params(flatten(cfg_dict))
     return tracker
 

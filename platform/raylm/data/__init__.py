@@ -37,7 +37,7 @@ from raylm.data.pack import (num_groups, order_group, pack_group, shuffled_rows,
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
 from raylm.data.tokenizer import build_tokenizer, special_ids
-from raylm.storage import list_files, resolve as resolve_storage, shard_dir, stage_io, write_json_atomic
+from raylm.storage import join, list_files, remove_dir, resolve as resolve_storage, stage_io, task_dir, write_json_atomic
 
 __all__ = ["prepare", "split_of", "SPLITS", "EmptySplitError"]
 log = logging.getLogger(__name__)
@@ -167,7 +167,6 @@ def versions() -> dict[str, str]:
 
 
 @stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
-@stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
 def prepare(cfg: Config) -> dict:
     """Run the data stage for `cfg`; writes `output_dir/data/` and returns the manifest."""
     from ray.data.context import ShuffleStrategy
@@ -186,13 +185,15 @@ def prepare(cfg: Config) -> dict:
         ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.default_hash_shuffle_parallelism = saved
 
 
-def read_staged(path: Path, columns: list[str] | None = None) -> ray.data.Dataset:
-    return ray.data.read_parquet(str(path), columns=columns)
+def read_staged(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
+    fs, in_fs = resolve_storage(path)
+    return ray.data.read_parquet(in_fs, filesystem=fs, columns=columns)
 
 
-def write_staged(ds: ray.data.Dataset, path: Path) -> None:
-    """Stream `ds` to Parquet files under `path` (added to what is there)."""
-    ds.write_parquet(str(path))
+def write_staged(ds: ray.data.Dataset, path: str | Path) -> None:
+    """Stream `ds` to Parquet files under `path` (a local path or a URI; added to what is there)."""
+    fs, in_fs = resolve_storage(path)
+    ds.write_parquet(in_fs, filesystem=fs)
 
 
 def _prepare(cfg: Config) -> dict:
@@ -202,9 +203,13 @@ def _prepare(cfg: Config) -> dict:
     final_dir = cfg.path("data")
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     work = final_dir.with_name(f".data.tmp-{uuid.uuid4().hex[:8]}")
-    stage_dir = work / ".stage"  # intermediate Parquet: each expensive pass runs once, every later pass streams it
-    stage_dir.mkdir(parents=True)
-    (work / "rejected").mkdir()
+    work.mkdir(parents=True)
+    # intermediate Parquet: each expensive pass runs once, every later pass streams it. Ray tasks on any node
+    # write these, so on a remote output_dir they live in the store (task_dir), not on this node
+    stage_dir, rejected_dir = task_dir(cfg, work, ".stage"), task_dir(cfg, work, "rejected")
+    stage = lambda name: join(stage_dir, name)
+    fs, rejected_path = resolve_storage(rejected_dir)
+    fs.create_dir(rejected_path, recursive=True)  # present even when nothing is dropped
     progress = Progress()
     try:
         # -- read + clean, one streaming pass to staged Parquet
@@ -215,8 +220,8 @@ def _prepare(cfg: Config) -> dict:
                                       batch_format="pyarrow", batch_size=16)
             if task == "classification":
                 cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
-            write_staged(cleaned.map_batches(add_chars, batch_format="pyarrow"), stage_dir / "cleaned")
-            staged = read_staged(stage_dir / "cleaned")
+            write_staged(cleaned.map_batches(add_chars, batch_format="pyarrow"), stage("cleaned"))
+            staged = read_staged(stage("cleaned"))
             extra = [c for c in ("language",) if c in staged.schema().names]
             per = (staged.select_columns(["source", "reason", "n_chars", *(f"pii_{t}" for t in PII_TYPES)])
                    .map_batches(lambda t: t.set_column(1, "reason", pc.fill_null(t["reason"], "")), batch_format="pyarrow")
@@ -238,7 +243,7 @@ def _prepare(cfg: Config) -> dict:
 
         with progress.stage("rejected (clean)"):
             write_staged(staged.map_batches(_dropped_rows, fn_kwargs={"extra": extra},
-                                            batch_format="pyarrow"), work / "rejected")
+                                            batch_format="pyarrow"), rejected_dir)
 
         # -- dedup over (key, doc_id) pairs; drops written as Parquet, never listed on the driver
         dups = {"exact": 0, "near": 0, "clusters": 0, "cluster_sizes": {}}
@@ -246,8 +251,7 @@ def _prepare(cfg: Config) -> dict:
         docs_cols = DOC_COLUMNS + extra + ["n_chars"]
         with progress.stage("dedup") as info:
             if d.clean.dedup != "none":
-                (stage_dir / "drops").mkdir()
-                dups = find_duplicates(kept, d.clean, n_kept, stage_dir / "drops" / "drops.parquet")
+                dups = find_duplicates(kept, d.clean, n_kept, join(stage("drops"), "drops.parquet"))
             info.update(rows=n_kept, bytes=kept_chars)
         with progress.stage("split") as info:
             docs = kept.select_columns(docs_cols)
@@ -255,19 +259,19 @@ def _prepare(cfg: Config) -> dict:
                 buckets = max(1, -(-kept_chars // BUCKET_CHARS))
                 docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
                 schema = pa.schema(list(zip(docs.schema().names, docs.schema().types)))
-                markers = read_staged(stage_dir / "drops", ["doc_id", "reason"]).map_batches(
+                markers = read_staged(stage("drops"), ["doc_id", "reason"]).map_batches(
                     as_marker, fn_kwargs={"schema": schema}, batch_format="pyarrow")
                 docs = (docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
                         .groupby("bucket", num_partitions=buckets).map_groups(resolve_drops, batch_format="pyarrow"))
             else:
                 docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
             write_staged(docs.map_batches(with_split, fn_kwargs={"fractions": fractions, "seed": seed}, batch_format="pyarrow"),
-                         stage_dir / "docs")
-            docs = read_staged(stage_dir / "docs")
-            write_staged(docs.map_batches(_dropped_rows, fn_kwargs={"extra": extra}, batch_format="pyarrow"), work / "rejected")
+                         stage("docs"))
+            docs = read_staged(stage("docs"))
+            write_staged(docs.map_batches(_dropped_rows, fn_kwargs={"extra": extra}, batch_format="pyarrow"), rejected_dir)
             kept_docs = docs.map_batches(where("reason", None), batch_format="pyarrow")
             # per-document audit trail: which split each kept document went to
-            write_staged(kept_docs.select_columns(["doc_id", "split"]), work / "documents.parquet")
+            write_staged(kept_docs.select_columns(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
             per_split = (kept_docs.select_columns(["split", "source", "n_chars"]).groupby(["split", "source"])
                          .aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars")).take_all())
             info.update(rows=n_kept, bytes=kept_chars)
@@ -313,7 +317,7 @@ def _prepare(cfg: Config) -> dict:
                 else:
                     rows = shuffled_rows(part, tokenize_lm, {"tokenizer": tok, "task": task, "seed": seed}, groups,
                                          pack_group, {"block_size": block})
-                out = shard_dir(cfg, work, split)  # the run's temp dir, or the object store itself
+                out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
                 shards = write_shards(rows, out, split, d.shards_per_split) if split_docs[split] else []
                 fs, path = resolve_storage(out)
                 n_rows = 0 if not shards else sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
@@ -358,7 +362,7 @@ def _prepare(cfg: Config) -> dict:
             "versions": versions(),
             "wall_time_s": round(time.time() - start, 2),
         }
-        shutil.rmtree(stage_dir)
+        remove_dir(stage_dir)
         write_json_atomic(work / "manifest.json", manifest)
         # swap the finished directory in
         old = final_dir.with_name(f".data.old-{uuid.uuid4().hex[:8]}")
@@ -367,6 +371,7 @@ def _prepare(cfg: Config) -> dict:
         os.replace(work, final_dir)
         shutil.rmtree(old, ignore_errors=True)
     finally:
+        remove_dir(stage_dir)  # in the store on a remote output_dir: not under work/
         shutil.rmtree(work, ignore_errors=True)
 
     per_split_tokens = ", ".join(f"{s} {v['tokens']:,}" for s, v in splits.items())

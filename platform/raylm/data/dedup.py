@@ -117,7 +117,11 @@ def connected_components(edge_refs: list, out_path: str) -> dict:
         "cluster_root": pa.array([roots[x] for x in dropped], pa.string()),
         "cluster_size": pa.array([sizes[roots[x]] for x in dropped], pa.int64()),
     })
-    pq.write_table(table, out_path)
+    from raylm.storage import resolve
+
+    fs, path = resolve(out_path)  # a local path or a URI: this task runs on any node
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
     hist: dict[int, int] = {}
     for size in sizes.values():
         hist[size] = hist.get(size, 0) + 1
@@ -126,7 +130,7 @@ def connected_components(edge_refs: list, out_path: str) -> dict:
             "cluster_sizes": {str(k): v for k, v in sorted(hist.items())}}
 
 
-def find_duplicates(kept: ray.data.Dataset, cfg: Clean, n_docs: int, out_path: Path) -> dict:
+def find_duplicates(kept: ray.data.Dataset, cfg: Clean, n_docs: int, out_path: str | Path) -> dict:
     """Exact (and, for `dedup: near`, near) duplicates among `kept` (columns doc_id, text, exact_key); the
     dropped documents land in `out_path`; returns counts and the cluster-size histogram."""
     near = cfg.dedup == "near"

@@ -7,22 +7,22 @@ with the saved tokenizer (kept text lives only as tokens).
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
+from raylm import storage
 from raylm.config import Config
 
 KEPT = "kept"
 
 
-def _rejected(data_dir: Path):
+def _dataset(uri: str):
+    """A pyarrow dataset of the Parquet files under `uri` (local or in the store), or None when there is none."""
     import pyarrow.dataset as pds
 
-    path = data_dir / "rejected"
-    if not path.exists():
+    if not storage.exists(uri):
         return None
-    return pds.dataset(str(path), format="parquet")
+    fs, path = storage.resolve(uri)
+    return pds.dataset(path, filesystem=fs, format="parquet")
 
 
 def _print_sample(out, header: str, text: str | None, chars: int) -> None:
@@ -35,13 +35,12 @@ def inspect_data(cfg: Config, reason: str | None = None, n: int = 5, chars: int 
     """Print up to `n` samples of documents rejected with `reason` (or kept ones for `kept`); without a reason,
     the drop counts per reason. Returns the exit code: 1 when there is no prepared data or no such reason."""
     out = out or sys.stdout
-    data_dir = cfg.path("data")
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.exists():
+    data_dir = cfg.uri("data")  # shards and rejected/ are read where prepare wrote them (a store: in place)
+    if not storage.exists(storage.join(data_dir, "manifest.json")):
         print(f"raylm inspect: no prepared data at {data_dir} (run raylm prepare -c CFG first)", file=sys.stderr)
         return 1
-    manifest = json.loads(manifest_path.read_text())
-    rejected = _rejected(data_dir)
+    manifest = storage.read_json(storage.join(data_dir, "manifest.json"))
+    rejected = _dataset(storage.join(data_dir, "rejected"))
     counts = dict(manifest.get("dropped") or {})
     for kind, k in (manifest.get("duplicates") or {}).items():
         if k:
@@ -53,9 +52,9 @@ def inspect_data(cfg: Config, reason: str | None = None, n: int = 5, chars: int 
             print(f"  {r:<28} {k:>8,}", file=out)
         return 0
     if reason == KEPT:
-        return _print_kept(cfg, data_dir, n, chars, out)
+        return _print_kept(cfg, manifest, n, chars, out)
     if rejected is None:
-        print(f"raylm inspect: {data_dir / 'rejected'} does not exist (prepared by an older raylm?)", file=sys.stderr)
+        print(f"raylm inspect: {storage.join(data_dir, 'rejected')} does not exist (prepared by an older raylm?)", file=sys.stderr)
         return 1
     import pyarrow.dataset as pds
 
@@ -75,14 +74,15 @@ def inspect_data(cfg: Config, reason: str | None = None, n: int = 5, chars: int 
     return 0
 
 
-def _print_kept(cfg: Config, data_dir: Path, n: int, chars: int, out) -> int:
+def _print_kept(cfg: Config, manifest: dict, n: int, chars: int, out) -> int:
     """Kept documents as the model sees them: the first `n` rows of the train shards, decoded."""
-    import pyarrow.dataset as pds
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-    rows = pds.dataset(str(data_dir / "train"), format="parquet").head(n, columns=["input_ids"]).to_pylist()
-    print(f"{(json.loads((data_dir / 'manifest.json').read_text()).get('documents_kept', 0)):,} documents kept; "
+    from raylm.train.models import tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg)))
+    rows = _dataset(cfg.uri("data", "train")).head(n, columns=["input_ids"]).to_pylist()
+    print(f"{manifest.get('documents_kept', 0):,} documents kept; "
           f"first {len(rows)} train rows decoded", file=out)
     for i, row in enumerate(rows):
         _print_sample(out, f"train row {i}", tok.decode(row["input_ids"]), chars)

@@ -85,7 +85,10 @@ def make_trainer(cfg: Config, storage_path: str | Path | None = None, name: str 
                    "fault_at_step": os.environ.get(FAULT_ENV),  # test hook: crash one worker once at this step
                    # train.tracking: the run's name there (default: the Ray Train run's), its parent (a search)
                    "tracking_dir": str(cfg.path("tracking").resolve()), "tracking_config": cfg.public_dump(),
-                   "tracking_run": tracking_run or run_config.name, "tracking_parent": tracking_parent}
+                   "tracking_run": tracking_run or run_config.name, "tracking_parent": tracking_parent,
+                   # a plain run on a remote output_dir: rank 0 (on any node) syncs tracking/ with the store;
+                   # Tune trials share one directory and leave that to the driver
+                   "tracking_store": cfg.uri("tracking") if storage.is_uri(cfg.output_dir) and not tracking_parent else None}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -191,6 +194,8 @@ def train(cfg: Config, force: bool = False) -> dict:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     summary = export_result(cfg, result, manifest=manifest)
+    if storage.is_uri(cfg.output_dir) and storage.exists(cfg.uri("tracking", storage.MARKER)):
+        storage.pull(cfg.output_dir, "tracking")  # what rank 0 uploaded from its node
     log_exported_model(cfg.public_dump(), str(cfg.path("tracking")), Path(result.path).name,
                        summary["model_dir"])
     summary["total_wall_time_s"] = time.time() - start

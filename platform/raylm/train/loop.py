@@ -10,6 +10,7 @@ Reading order: `fit` (the training step, top to bottom) calls `evaluate` and `sa
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -412,8 +413,17 @@ def train_loop_per_worker(config: dict) -> dict:
                                                  local_shuffle_seed=cfg.seed + epoch, dtypes=None)
         return (data_parallel_slice(b, dp_rank, dp_size) for b in batches) if tp > 1 else batches
 
+    val_cache: list[dict] = []
+
     def val_batches():
-        return val_ds.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
+        batches = val_ds.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy") if not val_cache else None
+        if not cfg.train.eval_batches:
+            return batches  # the whole val split: streamed on every evaluation
+        # capped: every evaluation scores the same first batches (val keeps its order), so read them once here
+        # instead of starting one Ray Data execution per evaluation; eval_batches bounds what is held
+        if not val_cache:
+            val_cache.extend(itertools.islice(batches, cfg.train.eval_batches * dp_size))
+        return val_cache
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
@@ -426,7 +436,8 @@ def train_loop_per_worker(config: dict) -> dict:
             raise RuntimeError(f"checkpoint {restore_dir} is incomplete (no {STATE_FILE}); refusing to resume")
         # a restarted worker group reopens the same tracking run (keyed by the Ray Train run's name)
         track = open_tracking(config.get("tracking_config", config["cfg"]), config.get("tracking_dir"),
-                              config.get("tracking_run", "train"), ctx.get_world_rank(), config.get("tracking_parent"))
+                              config.get("tracking_run", "train"), ctx.get_world_rank(), config.get("tracking_parent"),
+                              config.get("tracking_store"))
         hooks = Hooks(report=report, restore_dir=restore_dir, rank=ctx.get_world_rank(),
                       world_size=ctx.get_world_size(), log=lambda s: print(f"[raylm train] {s}", flush=True),
                       dp_rank=dp_rank, dp_size=dp_size, track=track)

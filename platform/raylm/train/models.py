@@ -197,5 +197,5 @@ def tokenizer_dir(cfg: Config) -> Path:
     from raylm import storage
 
     if storage.is_uri(cfg.output_dir):
-        return storage.pull(cfg.output_dir, "data", skip=storage.SHARDS) / "tokenizer"
+        return storage.pull(cfg.output_dir, "data", skip=storage.IN_STORE) / "tokenizer"
     return cfg.path("data", "tokenizer")
