@@ -93,26 +93,14 @@ class PlacementGroupWatch:
 
 
 @pytest.mark.timeout(1500)
-def test_two_searches_in_a_row_release_trials_and_an_interrupted_one_resumes(tmp_path, ray_session):
-    """Search 1 runs to the end; search 2 is interrupted (SIGINT: exit 130, nothing exported) and then resumed.
-    While either runs, at most max_concurrent (2) trials hold placement groups: a trial ASHA stops mid-run has its
-    group released before more trials start (no leak to wait on, the hang this guards against)."""
+def test_interrupted_search_resumes_and_stopped_trials_release_their_workers(tmp_path, ray_session):
+    """A search is interrupted (SIGINT: exit 130, nothing exported) and resumed by the same command: two searches in
+    a row on one cluster. While either runs, at most max_concurrent (2) trials hold placement groups: a trial ASHA
+    stops mid-run has its group released before more trials start (no leak to wait on, the hang this guards
+    against; `stress/tune_repeat.py` runs five full searches in a row)."""
     from tiny_data import build_lm_workspace
 
-    (tmp_path / "first").mkdir()
-    build_lm_workspace(tmp_path / "first")
-    first_cfg = tmp_path / "first" / "tune.yaml"
-    first_cfg.write_text(TINY_TUNE.format(out=tmp_path / "first").replace("seed: 3", "seed: 5"))
-    # the CLI joins the session's cluster (no second cluster start)
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    watch = PlacementGroupWatch(ray_session)
-    full = subprocess.run([sys.executable, "-m", "raylm", "tune", "-c", str(first_cfg)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    most = watch.close()
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert len(json.loads((tmp_path / "first" / "tune" / "best.json").read_text())["trials"]) == 4
-    assert 1 <= most <= 2, most
-
     build_lm_workspace(tmp_path)
     cfg = tmp_path / "tune.yaml"
     cfg.write_text(TINY_TUNE.format(out=tmp_path))
@@ -134,7 +122,8 @@ def test_two_searches_in_a_row_release_trials_and_an_interrupted_one_resumes(tmp
     assert not (tmp_path / "tune" / "best.json").exists() and not (tmp_path / "model" / "training_summary.json").exists()
 
     second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert watch.close() <= 2
+    most = watch.close()
+    assert 1 <= most <= 2, most
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming the experiment" in second.stderr
     # trials that had completed were not rerun: their results are untouched, and there are still 4 trials
