@@ -354,7 +354,7 @@ class TrainCfg(Strict):
     clip_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int = Field(50, ge=1)
-    eval_batches: int | None = Field(None, ge=1, description="cap on val batches per evaluation")
+    eval_batches: int | None = Field(None, ge=1, description="cap on val batches per evaluation (the same first batches each time: read once per worker group, then held)")
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping: EarlyStopping | None = Field(default_factory=EarlyStopping)
