@@ -243,3 +243,26 @@ def test_parquet_source_is_read_not_dropped_as_binary(tmp_path):
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"text\x00with a NUL")
     assert [r for *_, r in read_items(str(binary), 0, 15, Source(path=str(binary), format="txt"))] == ["undecodable"]
+
+
+@pytest.mark.timeout(300)
+def test_hf_dataset_is_read_by_tasks_one_per_arrow_file_in_order(ray_session, tmp_path):
+    """A `save_to_disk` dataset: the driver lists its Arrow files, Ray tasks stream them; every row comes back once,
+    in the dataset's order, a missing text is a counted drop, labels kept."""
+    import datasets
+
+    from raylm.config import Source
+    from raylm.data import readers
+
+    texts = [f"document number {i}" if i != 3 else None for i in range(25)]
+    datasets.Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(25)]}).save_to_disk(
+        str(tmp_path / "hf"), num_shards=3)
+    src = Source(hf_dataset=str(tmp_path / "hf"), label_field="label")
+    ds = readers.read_source(src, 0)
+    # the plan starts from the list of files, not from rows built on the driver
+    assert ds.count() == 25 and ds.materialize().num_blocks() >= 3
+    rows = sorted(ds.take_all(), key=lambda r: r["doc_id"])
+    assert [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == [str(i % 3) if i != 3 else None for i in range(25)]  # a drop has no label
+    assert [r["reason"] for r in rows].count("no_text") == 1 and len({r["doc_id"] for r in rows}) == 25
+    assert all(".arrow|" in r["doc_id"] for r in rows)

@@ -56,7 +56,7 @@ class Source(Strict):
     label_field: str | None = Field(None, description="column/field holding the label, for classification")
     split_lines: bool = Field(False, description="txt only: one document per line instead of per file")
     builtin: Literal["python-docs"] | None = Field(None, description="embedded corpus, built with no download")
-    hf_dataset: str | None = Field(None, description="a local `datasets` save_to_disk dir or data dir")
+    hf_dataset: str | None = Field(None, description="a local `datasets` save_to_disk dir (read by Ray tasks, one per Arrow file) or data dir (loaded on the driver: give large corpora as files)")
     split: str = Field("train", description="hf_dataset split to read")
     max_docs: int | None = Field(None, gt=0, description="read at most this many documents from this source")
 

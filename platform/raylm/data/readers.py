@@ -236,7 +236,22 @@ def _table_docs(table: pa.Table, src: Source) -> Iterator[Doc]:
         yield (text, label_str(label), None) if isinstance(text, str) else (None, None, "no_text")
 
 
+def hf_arrow_docs(path: str, file_no: int, src: Source, index: int) -> Iterator[pa.Table]:
+    """The documents of one Arrow file of a `save_to_disk` dataset, streamed batch by batch (memory-mapped)."""
+    with pa.memory_map(path) as f:
+        row = 0
+        for batch in pa.ipc.open_stream(f):
+            docs = list(_table_docs(pa.Table.from_batches([batch]), src))
+            yield to_table([{"doc_id": f"{index:03d}|{path}|{file_no:05d}:{row + i:012d}", "source": src.name,
+                             "format": "hf_dataset", "text": t, "label": label, "reason": r}
+                            for i, (t, label, r) in enumerate(docs)])
+            row += len(docs)
+
+
 def read_hf_dataset(src: Source, index: int) -> ray.data.Dataset:
+    """A local Hugging Face dataset. A `save_to_disk` directory is read by Ray tasks, one per Arrow file (the driver
+    only lists the files); a directory of data files goes through `datasets.load_dataset` and its node-local cache
+    on the driver, so a large corpus should be given as files (`path:` + `format:`) instead."""
     import datasets
 
     key = f"data.sources.{index}.hf_dataset"
@@ -251,6 +266,17 @@ def read_hf_dataset(src: Source, index: int) -> ray.data.Dataset:
             hf = hf[src.split]
     except FileNotFoundError:  # a directory of data files rather than a save_to_disk dir
         hf = datasets.load_dataset(str(path), split=src.split)
+    if src.text_field not in hf.column_names:
+        raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {hf.column_names}")
+    files = [f["filename"] for f in hf.cache_files]
+    if hf._indices is None and files and all(Path(f).resolve().is_relative_to(path.resolve()) for f in files):
+        def read_arrow_files(batch: pa.Table) -> Iterator[pa.Table]:
+            for file, file_no in zip(batch["path"].to_pylist(), batch["file_no"].to_pylist()):
+                yield from hf_arrow_docs(file, file_no, src, index)
+
+        units = [{"path": f, "file_no": i} for i, f in enumerate(files)]
+        return ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 256))).map_batches(
+            read_arrow_files, batch_format="pyarrow", batch_size=1)
     table = hf.data.table if hasattr(hf.data, "table") else hf.data
     docs = _table_docs(table.combine_chunks() if hasattr(table, "combine_chunks") else table, src)
     rows = [{"doc_id": f"{index:03d}|{path}|{i:09d}", "source": src.name, "format": "hf_dataset", "text": t,
