@@ -364,7 +364,7 @@ class TrainCfg(Strict):
     metric: Literal["val_loss", "val_ppl", "val_accuracy"] = Field(
         "val_loss", description="validation metric that picks the best checkpoint (exported) and drives early stopping")
     mode: Literal["min", "max"] = Field("min", description="whether a lower or higher `metric` is better")
-    compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine")
+    compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine: pays for runs longer than its one-time compile (make bench-train-compile)")
     tracking: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="offline experiment tracking under output_dir/tracking/ (rank 0): "
                                           "TensorBoard event files, an MLflow run in a SQLite store")
