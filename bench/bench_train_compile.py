@@ -17,7 +17,6 @@ for how long a run must train before it pays overall.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -51,15 +50,11 @@ def manifest(args) -> dict:
 def arm(cfg, rows, args):
     import torch
 
-    from raylm.train.loop import Hooks, fit
-
-    def epoch(_):
-        for ids in rows:
-            yield {"input_ids": ids}
+    from raylm.train.loop import fit_in_process
 
     def run() -> dict:
         t0 = time.perf_counter()
-        state = fit(cfg, manifest(args), epoch, lambda: epoch(0), Hooks(report=lambda m, c: None, log=lambda s: None))
+        state = fit_in_process(cfg, manifest(args), rows, port=29541)
         if args.gpu:
             torch.cuda.synchronize()
         hist = state["history"]
@@ -85,9 +80,6 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29541"}.items():
-        os.environ.setdefault(k, v)
     device = "cuda" if args.gpu else "cpu"
     threads = torch.get_num_threads()  # one budget for both arms
     g = torch.Generator().manual_seed(0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -112,19 +111,11 @@ def plain_arm(cfg, rows, log_every: int, compile_: bool):
 def raylm_arm(cfg, rows):
     import torch
 
-    from raylm.train.loop import Hooks, fit
-
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29533"}.items():
-        os.environ.setdefault(k, v)
-
-    def epoch(_):
-        for ids in rows:
-            yield {"input_ids": ids}
+    from raylm.train.loop import fit_in_process
 
     def run() -> dict:
         t0 = time.perf_counter()
-        state = fit(cfg, manifest(), epoch, lambda: epoch(0), Hooks(report=lambda m, c: None, log=lambda s: None))
+        state = fit_in_process(cfg, manifest(), rows, port=29533)
         torch.cuda.synchronize()
         windows = [h["tokens_per_s"] for h in state["history"]]
         return {"steady_tok_s": statistics.median(windows[1:] or windows), "windows": windows,

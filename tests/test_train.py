@@ -408,16 +408,13 @@ def test_train_shards_come_in_a_seeded_file_order_the_same_on_every_pass(ray_ses
 
 
 COMPILE_PROBE = r"""
-import json, os, sys, tempfile
-from pathlib import Path
+import json, sys, tempfile
 import torch
 from raylm.config import load_config
-from raylm.train.loop import Hooks, fit
+from raylm.train.loop import fit_in_process
 
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 g = torch.Generator().manual_seed(0)
 rows = [torch.randint(0, 300, (4, 32), generator=g) for _ in range(6)]
-epoch = lambda _: ({"input_ids": r} for r in rows)
 manifest = {"task": "causal_lm", "block_size": 32, "vocab_size": 300, "label_map": None,
             "special_tokens": {"pad_token_id": 1, "eos_token_id": 0, "bos_token_id": 0},
             "splits": {"train": {"rows": 0}, "val": {"rows": 4}}}
@@ -428,7 +425,7 @@ for compile_ in (False, True):
                              "train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=6", "train.eval_batches=1",
                              "train.warmup_steps=1", "train.log_every=2", "train.early_stopping=null",
                              f"train.compile={str(compile_).lower()}"])
-    state = fit(cfg, manifest, epoch, lambda: epoch(0), Hooks(report=lambda m, c: None, log=lambda s: None))
+    state = fit_in_process(cfg, manifest, rows, port=int(sys.argv[1]))
     out[str(compile_)] = [h["train_loss"] for h in state["history"]]
 from torch._dynamo.utils import counters
 out["graphs"] = counters["stats"]["unique_graphs"]

@@ -385,7 +385,21 @@ def fit(cfg: Config, manifest: dict, train_epoch: Callable[[int], Iterable[dict]
     return dict(state.__dict__)
 
 
+def fit_in_process(cfg: Config, manifest: dict, rows: list, port: int = 29500) -> dict:
+    """`fit` at world size 1 in this process, without Ray (benchmarks, the compile test): every epoch and every
+    evaluation read `rows`, a list of input_ids batches."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+    def epoch(_):
+        return ({"input_ids": ids} for ids in rows)
+
+    return fit(cfg, manifest, epoch, lambda: epoch(0), Hooks(report=lambda m, c: None, log=lambda s: None))
+
+
 # ---------------------------------------------------------------------------------------------- Ray Train
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train's worker function: shards from Ray Data, reports and checkpoints to Ray Train."""
     import ray.train
