@@ -18,6 +18,9 @@ import pytest
 import yaml
 
 from ray_head import BIN, PrivateHead, device_choices, free_port, job_state, log_tail, readme_submit
+from s3_store import BUCKET, CREDENTIALS, listing, s3_server
+
+from raylm import storage
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -207,7 +210,7 @@ FAKE_CLUSTER = {
 }
 
 # its own driver process: the test process may already hold the session's ray_session cluster. Runs each
-# `raylm` argv in turn (prepare, then tune) and records the alive-node count before and at its peak for each.
+# `raylm` argv in turn and records the alive-node count before and at its peak for each.
 DRIVER = r"""
 import json, sys, threading, time
 import ray
@@ -242,8 +245,7 @@ while alive() > 1 and time.time() < deadline:
 print("AFTER " + str(alive()), flush=True)
 """
 
-TINY = ["--set", "data.sources=[{builtin: python-docs, max_docs: 60}]", "--set", "data.tokenizer.train.vocab_size=300",
-        "--set", "data.clean.dedup=exact", "--set", "data.block_size=32"]
+TINY = ["--set", "data.block_size=32"]  # tiny_data's shards
 TINY_TUNE = ["--set", "model.arch={family: gpt2, n_layer: 1, d_model: 32, n_head: 2}", "--set", "train.num_workers=1",
              "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.eval_every=1",
              "--set", "train.checkpoint_every=1", "--set", "train.eval_batches=1", "--set", "train.warmup_steps=1",
@@ -252,13 +254,17 @@ TINY_TUNE = ["--set", "model.arch={family: gpt2, n_layer: 1, d_model: 32, n_head
 
 
 # max_workers 3: with 2, the second trial's Ray Data ingest waited for a CPU the cap forbids (seen once)
-@pytest.mark.timeout(1800)  # prepare + 2 trials on freshly launched fake nodes: 261 s idle, >13 min at load 40
-def test_fake_autoscaling_cluster_adds_workers_for_prepare_and_tune(tmp_path):
-    """A head with 0 CPUs and min_workers 0, as the shipped cluster files: prepare, then `raylm tune` with 2 trials
-    (tune.max_concurrent 2) make the autoscaler add nodes; both trials finish, best.json is written; idle nodes go."""
+@pytest.mark.timeout(1800)  # 2 trials on freshly launched fake nodes: a few minutes idle, >10 min at load 40
+def test_fake_autoscaling_cluster_adds_workers_for_tune(tmp_path):
+    """A head with 0 CPUs and min_workers 0, as the shipped cluster files: `raylm tune` with 2 trials
+    (tune.max_concurrent 2) makes the autoscaler add nodes; both trials finish, best.json is written; idle nodes
+    go. (Prepare's Ray Data tasks on added nodes are the multi-node run's; here tune gets ready-made shards.)"""
+    from tiny_data import build_lm_workspace
+
     out, log = tmp_path / "out", tmp_path / "driver.log"
-    common = ["-c", str(REPO / "configs/quickstart.yaml"), "--set", f"output_dir={out}", *TINY]
-    stages = [["prepare", ["prepare", *common]], ["tune", ["tune", *common, *TINY_TUNE]]]
+    build_lm_workspace(out)
+    stages = [["tune", ["tune", "-c", str(REPO / "configs/quickstart.yaml"), "--set", f"output_dir={out}", *TINY,
+                        *TINY_TUNE]]]
     with PrivateHead(num_cpus=0, autoscaling_config=copy.deepcopy(FAKE_CLUSTER)) as head, open(log, "w") as f:
         try:
             subprocess.run([sys.executable, "-c", DRIVER, head.gcs_address, json.dumps(stages)],
@@ -271,15 +277,11 @@ def test_fake_autoscaling_cluster_adds_workers_for_prepare_and_tune(tmp_path):
     text = log.read_text()
     # Ray Data's progress bars share the driver's stdout: a record may start mid-line
     lines = re.findall(r"NODE_COUNTS (\{.*?\})", text)
-    assert lines, f"driver did not finish prepare:\n{log_tail(text)}"
+    assert lines, f"driver did not finish tune:\n{log_tail(text)}"
     counts = json.loads(lines[-1])
     counts["after"] = int(next(iter(re.findall(r"AFTER (\d+)", text)), -1))
     print(f"autoscaling node counts: {counts}")
-    assert counts["prepare_rc"] == 0, log_tail(text)
     assert counts["before"] == 1, "only the head at the start"
-    assert counts["prepare_peak"] >= 2, "the autoscaler launched worker nodes for the Ray Data tasks"
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["rows"] > 0
     assert counts.get("tune_rc") == 0, log_tail(text)
     assert counts["tune_peak"] >= 2, "trials' workers were placed on nodes the autoscaler added"
     best = json.loads((out / "tune" / "best.json").read_text())
@@ -291,11 +293,13 @@ def test_fake_autoscaling_cluster_adds_workers_for_prepare_and_tune(tmp_path):
 # ------------------------------------------------------------------------------------ several nodes
 # A head with 0 CPUs plus three worker nodes, each its own raylet joined with `ray start --address` (own temp dir,
 # own process group, 3 logical CPUs); one cluster for both multi-node tests. Training workers take 2 CPUs each, so
-# no node fits two of them: the 2 workers land on different nodes and a third node is the spare.
+# no node fits two of them: the 2 workers land on different nodes and a third node is the spare. No node shares
+# a file system path with another for the run: output_dir is in object storage (a moto S3 server on loopback), as
+# on a real cluster without a shared volume; every node gets the credentials and endpoint as instance env would.
 NODE_CPUS, WORKER_CPUS = 3, 2
 MULTINODE_DATA = ["--set", "data.sources=[{builtin: python-docs, max_docs: 60}]",
                   "--set", "data.tokenizer.train.vocab_size=300", "--set", "data.block_size=32",
-                  "--set", "data.clean.dedup=exact"]
+                  "--set", "data.clean.dedup=exact", "--set", "data.shards_per_split=2"]
 MULTINODE_TRAIN = ["--set", "model.arch={family: gpt2, n_layer: 1, d_model: 32, n_head: 2}",
                    "--set", f"train.cpus_per_worker={WORKER_CPUS}", "--set", "train.num_workers=2",
                    "--set", "train.batch_size=2", "--set", "train.eval_batches=1", "--set", "train.warmup_steps=1",
@@ -309,51 +313,97 @@ def alive_nodes(head: PrivateHead) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def multinode():
-    with PrivateHead(num_cpus=0) as head:
-        for k in range(3):
-            head.add_node(num_cpus=NODE_CPUS, resources={f"raylm_test_node_{k}": 1})
-        deadline, nodes = time.time() + 120, []
-        while time.time() < deadline and len(nodes) < 4:
-            nodes = alive_nodes(head)
-            time.sleep(1)
-        assert len(nodes) == 4, nodes
-        head.head_node_id = next(n["node_id"] for n in nodes if n["is_head_node"])
-        for node in head.nodes:  # Ray's node id of each WorkerNode, by its marker resource
-            marker = next(iter(node.resources))
-            node.node_id = next(n["node_id"] for n in nodes if marker in (n.get("resources_total") or {}))
-        yield head
+def multinode(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("node-cache")
+    with s3_server() as endpoint:
+        env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{endpoint}", storage.CACHE_ENV: str(cache)}
+        with PrivateHead(num_cpus=0, env=env) as head:
+            for k in range(3):
+                head.add_node(num_cpus=NODE_CPUS, resources={f"raylm_test_node_{k}": 1})
+            deadline, nodes = time.time() + 120, []
+            while time.time() < deadline and len(nodes) < 4:
+                nodes = alive_nodes(head)
+                time.sleep(1)
+            assert len(nodes) == 4, nodes
+            head.head_node_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+            for node in head.nodes:  # Ray's node id of each WorkerNode, by its marker resource
+                marker = next(iter(node.resources))
+                node.node_id = next(n["node_id"] for n in nodes if marker in (n.get("resources_total") or {}))
+            head.store_env, head.cache = env, cache
+            os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]  # the test's own reads of the bucket
+            try:
+                yield head
+            finally:
+                os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
 @pytest.fixture(scope="module")
-def multinode_run(multinode, tmp_path_factory):
-    """The README's `jobs/run.py --no-wait` line against the multi-node head: prepare, train, evaluate, serve."""
-    out = tmp_path_factory.mktemp("multinode") / "out"
+def multinode_run(multinode):
+    """The README's `jobs/run.py --no-wait` line against the multi-node head, `output_dir` in the bucket: prepare,
+    train, evaluate, serve."""
+    out = f"s3://{BUCKET}/multinode"
     port = free_port()
     start = time.time()
     job_id, state, logs = readme_submit(multinode, "run.py", out, *MULTINODE_DATA, *MULTINODE_TRAIN,
                                         "--set", "train.max_steps=4", "--set", "train.eval_every=2",
-                                        "--set", "train.checkpoint_every=2", "--set", f"serve.port={port}",
-                                        timeout=600)
+                                        "--set", "train.checkpoint_every=2", "--set", "train.tracking=[tensorboard]",
+                                        "--set", f"serve.port={port}", timeout=600)
     return {"out": out, "state": state, "logs": logs, "wall_s": time.time() - start, "port": port}
 
 
+def checkpoint_dirs(stored: dict[str, int]) -> set[str]:
+    return {m.group(1) for k in stored if (m := re.match(r"(train/[^/]+/checkpoint_[^/]+)/", k))}
+
+
 @pytest.mark.timeout(900)
-def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run):
+def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run, cli):
+    """One run.py job on three worker nodes with output_dir in S3: the two training workers on different nodes;
+    every stage reads and writes the bucket (nothing is left in, or pulled into, a node's mirror); checkpoints
+    complete in the bucket; the served model answers through the Serve proxy; the stored model loads elsewhere."""
     run, out = multinode_run, multinode_run["out"]
     print(f"multi-node run.py job: {run['state']} in {run['wall_s']:.0f}s")
     assert run["state"] == "SUCCEEDED", log_tail(run["logs"])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
     assert summary["status"] == "ok" and all(s["status"] == "ok" for s in summary["steps"].values()), summary
     assert set(summary["steps"]) >= {"prepare", "train", "evaluate", "serve", "request"}
-    assert summary["sample"]["response"]["choices"], summary["sample"]
+    print(f"steps: { {k: v['wall_time_s'] for k, v in summary['steps'].items()} }")
+    assert summary["sample"]["response"]["choices"][0]["text"], summary["sample"]
     # the two training workers ran on two different worker nodes (never the 0-CPU head)
     choices = {rank: node for rank, *_, node in device_choices(run["logs"])}
     worker_ids = {n.node_id for n in multinode.nodes}
     print(f"training placement: {choices}; worker nodes {[n.node_id for n in multinode.nodes]}")
     assert sorted(choices) == [0, 1] and choices[0] != choices[1], choices
     assert set(choices.values()) <= worker_ids, (choices, worker_ids)
-    assert (out / "metrics.json").is_file() and (out / "model" / "model.safetensors").is_file()
+
+    stored = listing(out)
+    # data: shards, manifest and the marker written last; what prepare's Ray tasks write on any node went to the
+    # bucket itself, and its staged passes are gone
+    assert {"data/manifest.json", f"data/{storage.MARKER}"} <= set(stored)
+    assert all(any(k.startswith(f"data/{s}/") and k.endswith(".parquet") for k in stored) for s in ("train", "test"))
+    assert any(k.startswith("data/documents.parquet/") for k in stored), sorted(stored)[:40]
+    assert any(k.startswith("data/rejected/") and k.endswith(".parquet") for k in stored), sorted(stored)[:40]
+    assert not [k for k in stored if k.startswith("data/.stage")], "staged passes left in the bucket"
+    mirrors = multinode.cache / "runs"  # every node's mirror (one machine): small files only, never the rows
+    assert list(mirrors.glob("*/data/manifest.json")), "the mirror is where the test expects it"
+    assert not list(mirrors.glob("*/data/rejected/*.parquet")) and not list(mirrors.glob("*/data/train/*.parquet"))
+    # Ray Train wrote its checkpoints from both nodes straight to the bucket: complete (state + every rank's files)
+    ckpts = checkpoint_dirs(stored)
+    assert ckpts, sorted(stored)[:40]
+    for ckpt in ckpts:
+        names = {k[len(ckpt) + 1:] for k in stored if k.startswith(ckpt + "/")}
+        assert {"raylm_state.json", "raylm_files.rank0.json", "raylm_files.rank1.json"} <= names, (ckpt, names)
+        assert any(n.startswith("ds/") and n.endswith("optim_states.pt") for n in names), (ckpt, names)
+    assert {"model/config.json", "model/model.safetensors", f"model/{storage.MARKER}", "metrics.json",
+            "report.md", "summary.json", "model/README.md", f"tracking/{storage.MARKER}"} <= set(stored)
+    assert any(k.startswith("tracking/tensorboard/") and "tfevents" in k for k in stored), sorted(stored)
+    metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
+    assert metrics["model_dir"] == f"{out}/model" and metrics["rows"] > 0
+
+    # `raylm inspect` reads the train shards where prepare wrote them: in the bucket
+    proc = cli("inspect", "-c", "configs/quickstart.yaml", "--set", f"output_dir={out}", *MULTINODE_DATA,
+               "--reason", "kept", "-n", "1", env=multinode.store_env, timeout=120)
+    assert proc.returncode == 0 and "train row 0" in proc.stdout, proc.stderr[-2000:]
+
     # one more request through the Serve proxy the job left running (Serve outlives the job's driver)
     req = urllib.request.Request(f"http://127.0.0.1:{run['port']}/v1/completions",
                                  data=json.dumps({"prompt": "def ", "max_tokens": 4}).encode(),
@@ -365,13 +415,27 @@ def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run):
                           env=multinode.env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
+    # a fresh node: the stored model downloads (verified) into an empty cache and loads with transformers alone
+    os.environ[storage.CACHE_ENV] = str(multinode.cache.parent / "other-node")
+    try:
+        local = storage.materialize(f"{out}/model")
+    finally:
+        os.environ.pop(storage.CACHE_ENV, None)
+    assert str(local).startswith(str(multinode.cache.parent / "other-node"))
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(local).config.n_layer == 1
+    assert "model-index" in (local / "README.md").read_text(), "the model card came with the model"
+
 
 @pytest.mark.timeout(900)
 def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode, multinode_run):
     """Kill the node (raylet process group) of one training worker after the first checkpoint: Ray Train restarts
-    the worker group on the surviving and the spare node, from that checkpoint, and finishes."""
+    the worker group on the surviving and the spare node, from that checkpoint in the bucket, and finishes."""
     out = multinode_run["out"]
-    assert (out / "data" / "manifest.json").is_file(), "needs the prepared data of the multi-node run"
+    stored = listing(out)
+    assert "data/manifest.json" in stored, "needs the prepared data of the multi-node run"
+    earlier = checkpoint_dirs(stored)
     steps = 16
     start = time.time()
     job_id, state, _ = readme_submit(multinode, "train.py", out, *MULTINODE_DATA, *MULTINODE_TRAIN,
@@ -386,12 +450,9 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
         state, logs = job_state(multinode, job_id)
         assert state in ("PENDING", "RUNNING"), f"job ended before the kill ({state}):\n{log_tail(logs)}"
         placed = {rank: node for rank, *_, node in device_choices(logs)}
-        ckpts = sorted(p for p in (out / "train").glob("run-*/checkpoint_*") if p.is_dir()
-                       and p.stat().st_mtime >= start)
-        if ckpts and 1 in placed:
+        if 1 in placed and checkpoint_dirs(listing(out)) - earlier:
             time.sleep(4)  # Ray Train polls reports every ~2 s: let it register the checkpoint first
-            ckpts_at_kill = sorted(p.name for p in (out / "train").glob("run-*/checkpoint_*")
-                                   if p.stat().st_mtime >= start)
+            ckpts_at_kill = sorted(checkpoint_dirs(listing(out)) - earlier)
             victim = next(n for n in multinode.nodes if n.node_id == placed[1])
             first_placement = dict(placed)
             victim.kill()
@@ -411,9 +472,10 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
     placements = device_choices(logs)
     after = {rank: node for rank, *_, node in placements[len(first_placement):]}
     print(f"fault run: {wall:.0f}s; first placement {first_placement}, killed {victim.node_id}, "
-          f"checkpoints at kill {ckpts_at_kill}, resumed from steps {resumed}, new placement {after}")
+          f"checkpoints at kill {[c.rsplit('/', 1)[1] for c in ckpts_at_kill]}, resumed from steps {resumed}, "
+          f"new placement {after}")
     assert resumed and 2 <= resumed[0] < steps and resumed[0] % 2 == 0, resumed
     assert victim.node_id not in after.values() and spare in after.values(), (after, victim.node_id, spare)
-    summary = json.loads((out / "model" / "training_summary.json").read_text())
+    summary = json.loads(storage.read_bytes(f"{out}/model/training_summary.json"))
     assert summary["steps"] == steps and summary["resumed_from"] == resumed[:1], summary["resumed_from"]
     assert time.time() - killed_at < 420

@@ -1,57 +1,19 @@
-"""Object storage: `output_dir: s3://...` for a whole run, against a real S3-compatible server (moto) on loopback."""
+"""Object storage, a local path and an S3 URI alike, against a real S3-compatible server (moto) on loopback. A whole
+run with `output_dir: s3://...` on several nodes is in test_cluster.py (the multi-node run writes to the bucket)."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import socket
 
 import pytest
-import yaml
 
-BUCKET = "raylm-test"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from s3_store import BUCKET, listing, s3_server
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 with the bucket created; yields its endpoint (host:port)."""
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    endpoint = f"127.0.0.1:{port}"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?endpoint_override={endpoint}&scheme=http&allow_bucket_creation=true")
-    fs.create_dir(BUCKET)
-    yield endpoint
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def listing(uri: str) -> dict[str, int]:
-    """Relative path -> size of every object under `uri`."""
-    import pyarrow.fs as pafs
-
-    from raylm.storage import resolve
-
-    fs, root = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 def test_storage_atomic_writes_dir_round_trip_and_verified_cache(s3, tmp_path, monkeypatch):
@@ -115,78 +77,3 @@ def test_storage_atomic_writes_dir_round_trip_and_verified_cache(s3, tmp_path, m
     cfg = load_config(None, [f"output_dir=s3://{BUCKET}/run{query}"])
     assert cfg.uri("data", "train") == f"s3://{BUCKET}/run/data/train{query}"
     assert cfg.path("data").parent == storage.mirror_dir(cfg.output_dir)
-
-
-@pytest.mark.timeout(900)  # ~3 min on an idle 2-core box; a shared, loaded one needs the room
-def test_run_with_output_dir_in_s3(s3, cli, repo_root, tmp_path):
-    """`raylm run --no-wait` with `output_dir: s3://raylm-test/run1`: every stage reads and writes the bucket
-    (endpoint from AWS_ENDPOINT_URL, as the AWS SDK takes it); checkpoints, model and reports land there, the
-    served model answers, and the stored model loads on a node with an empty cache."""
-    from raylm import storage
-
-    out = f"s3://{BUCKET}/run1"
-    cfg = yaml.safe_load((repo_root / "configs" / "quickstart.yaml").read_text())
-    cfg["output_dir"] = out
-    cfg["data"]["sources"] = [{"builtin": "python-docs", "max_docs": 60}]
-    cfg["data"]["tokenizer"] = {"train": {"type": "bpe", "vocab_size": 512}}
-    cfg["data"]["block_size"] = 64
-    cfg["data"]["shards_per_split"] = 2
-    cfg["model"]["arch"] = {"family": "gpt2", "n_layer": 1, "d_model": 64, "n_head": 2}
-    cfg["train"].update(max_steps=4, eval_every=2, checkpoint_every=2, eval_batches=2, batch_size=4,
-                        tracking=["tensorboard"])
-    cfg["serve"].update(port=free_port(), num_cpus_per_replica=0.5,
-                        autoscaling={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2})
-    path = tmp_path / "s3.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{s3}", storage.CACHE_ENV: str(tmp_path / "node-cache")}
-
-    proc = cli("run", "-c", str(path), "--no-wait", "--address", "local", env=env, timeout=870)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    # `raylm inspect` reads the train shards where prepare wrote them: in the bucket
-    proc = cli("inspect", "-c", str(path), "--reason", "kept", "-n", "1", env=env, timeout=120)
-    assert proc.returncode == 0 and "train row 0" in proc.stdout, proc.stderr[-2000:]
-
-    os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
-    try:
-        stored = listing(out)
-        summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
-        assert summary["status"] == "ok", summary
-        print(f"object-storage run: {summary['wall_time_s']:.0f}s; steps "
-              f"{ {k: v['wall_time_s'] for k, v in summary['steps'].items()} }")
-        assert summary["sample"]["response"]["choices"][0]["text"]
-        # data: shards, manifest and the marker written last
-        assert {"data/manifest.json", f"data/{storage.MARKER}"} <= set(stored)
-        assert all(any(k.startswith(f"data/{s}/") and k.endswith(".parquet") for k in stored) for s in ("train", "test"))
-        # what prepare's Ray tasks write on any node went to the bucket itself; its staged passes are gone
-        assert any(k.startswith("data/documents.parquet/") for k in stored), sorted(stored)[:40]
-        assert any(k.startswith("data/rejected/") and k.endswith(".parquet") for k in stored), sorted(stored)[:40]
-        assert not [k for k in stored if k.startswith("data/.stage")], "staged passes left in the bucket"
-        mirrors = tmp_path / "node-cache" / "runs"  # ... never in this node's mirror, nor pulled back into it
-        assert list(mirrors.glob("*/data/manifest.json")), "the mirror is where the test expects it"
-        assert not list(mirrors.glob("*/data/rejected/*.parquet")) and not list(mirrors.glob("*/data/train/*.parquet"))
-        # Ray Train wrote its checkpoints straight to the bucket: complete (state + every rank's manifest)
-        ckpts = {m.group(1) for k in stored if (m := re.match(r"(train/[^/]+/checkpoint_[^/]+)/", k))}
-        assert ckpts, sorted(stored)[:40]
-        for ckpt in ckpts:
-            names = {k[len(ckpt) + 1:] for k in stored if k.startswith(ckpt + "/")}
-            assert {"raylm_state.json", "raylm_files.rank0.json", "raylm_files.rank1.json"} <= names, (ckpt, names)
-            assert any(n.startswith("ds/") and n.endswith("optim_states.pt") for n in names), (ckpt, names)
-        assert {"model/config.json", "model/model.safetensors", f"model/{storage.MARKER}", "metrics.json",
-                "report.md", "summary.json", "model/README.md", f"tracking/{storage.MARKER}"} <= set(stored)
-        assert any(k.startswith("tracking/tensorboard/") and "tfevents" in k for k in stored), sorted(stored)
-        assert "README.md" in json.loads(storage.read_bytes(f"{out}/model/{storage.MARKER}"))["files"]
-        metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
-        assert metrics["model_dir"] == f"{out}/model" and metrics["rows"] > 0
-
-        # a fresh node: the stored model downloads (verified) into an empty cache and loads with transformers alone
-        os.environ[storage.CACHE_ENV] = str(tmp_path / "other-node")
-        local = storage.materialize(f"{out}/model")
-        assert str(local).startswith(str(tmp_path / "other-node"))
-        from transformers import AutoModelForCausalLM
-
-        assert AutoModelForCausalLM.from_pretrained(local).config.n_layer == 1
-        assert "model-index" in (local / "README.md").read_text(), "the model card came with the model"
-    finally:
-        os.environ.pop("AWS_ENDPOINT_URL", None)
-        os.environ.pop(storage.CACHE_ENV, None)
