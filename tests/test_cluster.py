@@ -243,6 +243,13 @@ deadline = time.time() + 120
 while alive() > 1 and time.time() < deadline:
     time.sleep(1)
 print("AFTER " + str(alive()), flush=True)
+if alive() > 1:  # what keeps a node from being idle, for the assertion message
+    from ray.util.state import list_actors, list_placement_groups, list_tasks
+    print("LEFT actors", [(a.class_name, a.node_id[:8], a.ray_namespace) for a in list_actors(address=sys.argv[1], filters=[("state", "=", "ALIVE")], detail=True)])
+    print("LEFT pgs", [(p.name, p.state) for p in list_placement_groups(address=sys.argv[1]) if p.state != "REMOVED"])
+    print("LEFT tasks", [(t.name, t.state) for t in list_tasks(address=sys.argv[1], filters=[("state", "=", "RUNNING")])])
+    print("LEFT nodes", [(n["NodeID"][:8], n["Resources"]) for n in ray.nodes() if n["Alive"]])
+    print("LEFT usage", ray.available_resources(), flush=True)
 """
 
 TINY = ["--set", "data.block_size=32"]  # tiny_data's shards
@@ -287,7 +294,7 @@ def test_fake_autoscaling_cluster_adds_workers_for_tune(tmp_path):
     best = json.loads((out / "tune" / "best.json").read_text())
     assert len(best["trials"]) == 2 and all(t["status"] == "finished" for t in best["trials"]), best["trials"]
     assert (out / "model" / "model.safetensors").is_file()
-    assert counts["after"] == 1, "idle workers were removed again"
+    assert counts["after"] == 1, "idle workers were removed again:\n" + "\n".join(re.findall(r"LEFT .*", text))
 
 
 # ------------------------------------------------------------------------------------ several nodes

@@ -98,6 +98,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     if address and address != LOCAL:
         init_kwargs.setdefault("log_to_driver", True)
         ray.init(address=address, runtime_env=runtime_env(joining=True), **init_kwargs)
+        pin_ray_data_singletons()
     else:
         # Logical CPUs above the core count so Ray Data's read/map tasks can run beside training workers that
         # hold one CPU each (2 workers on a 2-core laptop would otherwise starve the data pipeline).
@@ -106,3 +107,25 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         init_kwargs.setdefault("include_dashboard", True)
         # "local": a new cluster even when a (possibly stale) ray_current_cluster file names another one
         ray.init(address=LOCAL, runtime_env=runtime_env(joining=False), **init_kwargs)
+
+
+def pin_ray_data_singletons() -> None:
+    """Create Ray Data's detached per-cluster actors (its stats actor and autoscaling coordinator) on the driver's
+    node before any Train worker or Tune trial touches Ray Data. Ray 2.60 pins each to the node that first asks
+    for it and never stops it, so one first created inside a trial on an autoscaled worker node keeps that node
+    busy forever: the autoscaler can never remove it (ray-project/ray#56576). Seen in
+    tests/test_cluster.py's autoscaling test: one worker node left after tune, holding exactly these two actors.
+    Ray's own getters (private modules): if a later Ray moves them, skip, as Ray then decides placement itself."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    try:
+        actors = [get_or_create_stats_actor(), get_or_create_autoscaling_coordinator()]
+        ray.get([a.__ray_ready__.remote() for a in actors], timeout=120)
+    except Exception as e:  # noqa: BLE001 - placement is an optimization of scale-down, never a reason to fail
+        log.warning("could not start Ray Data's cluster actors on the driver's node: %s", e)

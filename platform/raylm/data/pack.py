@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.datasource import FilenameProvider
 
@@ -55,11 +56,11 @@ def pack_group(group: pa.Table, block_size: int) -> pa.Table:
     """Ray Data map_groups: one pack group's documents in order-key order, concatenated and cut into blocks;
     the last partial block of the group is dropped (no padding in LM shards)."""
     order = np.argsort(group["order"].to_numpy(), kind="stable")
-    ids = group["ids"]
-    stream = np.concatenate([np.asarray(ids[int(i)].values, dtype=np.int32) for i in order]) if len(order) else np.zeros(0, np.int32)
+    # whole-column Arrow take + flatten: no Python step per document or per block
+    stream = pc.list_flatten(group["ids"].take(order)).to_numpy().astype(np.int32, copy=False)
     n = len(stream) // block_size
-    blocks = stream[: n * block_size].reshape(n, block_size)
-    return pa.table({"input_ids": pa.array(list(blocks), pa.list_(pa.int32()))})
+    offsets = pa.array(np.arange(0, (n + 1) * block_size, block_size, dtype=np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(stream[: n * block_size]))})
 
 
 def tokenize_classification(batch: pa.Table, tokenizer, block_size: int, label_map: dict[str, int], seed: int,
