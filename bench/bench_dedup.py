@@ -74,7 +74,7 @@ def main() -> None:
     import ray
 
     from raylm.config import Clean
-    from raylm.data import dedup
+    from raylm.data import dedup, prepare_context
 
     res = Result("dedup", f">={TARGET}", None, None, "", "")
     table = corpus.docs(args.mb)
@@ -107,8 +107,8 @@ def main() -> None:
         import pyarrow.parquet as pq
 
         t0 = time.perf_counter()
-        if streaming:
-            with tempfile.TemporaryDirectory(prefix="raylm-bench-dedup-") as tmp:
+        if streaming:  # under the Ray Data settings `raylm prepare` runs with (order kept, sort shuffle)
+            with tempfile.TemporaryDirectory(prefix="raylm-bench-dedup-") as tmp, prepare_context():
                 dedup.find_duplicates(ds, clean, len(texts), Path(tmp) / "drops.parquet")
                 found["B"] = set(pq.read_table(Path(tmp) / "drops.parquet")["doc_id"].to_pylist())
         else:

@@ -94,6 +94,8 @@ def main() -> None:
 
     import ray
 
+    from raylm.data import prepare_context
+
     t0 = time.perf_counter()
     private_ray()
     ray_init_s = time.perf_counter() - t0
@@ -103,13 +105,15 @@ def main() -> None:
 
     def raylm() -> dict:
         t0 = time.perf_counter()
-        _, packed, groups = raylm_stage(ds, tok, chars)
-        packed = packed.materialize()
+        with prepare_context():  # the Ray Data settings `raylm prepare` runs under (order kept, sort shuffle)
+            _, packed, groups = raylm_stage(ds, tok, chars)
+            packed = packed.materialize()
         return {"s": time.perf_counter() - t0, "blocks": packed.count(), "groups": groups}
 
     # -- correctness: same ids per document on a sample, and the packed total adds up
-    ids, _, _ = raylm_stage(ray.data.from_arrow(table.slice(0, SAMPLE)), tok, chars)
-    got = {r["doc_id"]: list(r["ids"]) for r in ids.take_all()}
+    with prepare_context():
+        ids, _, _ = raylm_stage(ray.data.from_arrow(table.slice(0, SAMPLE)), tok, chars)
+        got = {r["doc_id"]: list(r["ids"]) for r in ids.take_all()}
     want = [e.ids + [eos] for e in backend.encode_batch(texts[:SAMPLE], add_special_tokens=False)]
     same_ids = all(got[d] == w for d, w in zip(table["doc_id"][:SAMPLE].to_pylist(), want))
 

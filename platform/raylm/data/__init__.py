@@ -166,9 +166,9 @@ def versions() -> dict[str, str]:
             "pyarrow": pa.__version__, "python": platform.python_version()}
 
 
-@stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
-def prepare(cfg: Config) -> dict:
-    """Run the data stage for `cfg`; writes `output_dir/data/` and returns the manifest."""
+@contextmanager
+def prepare_context():
+    """The Ray Data settings prepare runs under (the benchmarks enter it too), restored afterwards."""
     from ray.data.context import ShuffleStrategy
 
     ctx = DataContext.get_current()
@@ -180,9 +180,16 @@ def prepare(cfg: Config) -> dict:
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.default_hash_shuffle_parallelism = 4
     try:
-        return _prepare(cfg)
+        yield ctx
     finally:
         ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.default_hash_shuffle_parallelism = saved
+
+
+@stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
+def prepare(cfg: Config) -> dict:
+    """Run the data stage for `cfg`; writes `output_dir/data/` and returns the manifest."""
+    with prepare_context():
+        return _prepare(cfg)
 
 
 def read_staged(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
