@@ -374,6 +374,7 @@ def test_multinode_run_trains_on_two_nodes_and_serves(multinode, multinode_run, 
     assert summary["status"] == "ok" and all(s["status"] == "ok" for s in summary["steps"].values()), summary
     assert set(summary["steps"]) >= {"prepare", "train", "evaluate", "serve", "request"}
     print(f"steps: { {k: v['wall_time_s'] for k, v in summary['steps'].items()} }")
+    print(f"prepare stages: {json.loads(storage.read_bytes(f'{out}/data/manifest.json'))['stages_s']}")
     assert summary["sample"]["response"]["choices"][0]["text"], summary["sample"]
     # the two training workers ran on two different worker nodes (never the 0-CPU head)
     choices = {rank: node for rank, *_, node in device_choices(run["logs"])}

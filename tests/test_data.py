@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ray.util.state import list_actors
 
 from raylm.config import load_config
 from raylm.data import EmptySplitError, prepare, split_of
@@ -161,7 +162,12 @@ def test_cleaning_counts_every_drop_and_near_dedup(ray_session, tmp_path):
     first = shards(cfg)
     # determinism: a second run into a FRESH output_dir (no tokenizer to reuse) writes byte-identical shards
     cfg2 = cfg.model_copy(update={"output_dir": str(tmp_path / "out2")})
+    actors_before = {a.actor_id for a in list_actors(limit=10_000)}
     m2 = prepare(cfg2)
+    # prepare runs as Ray tasks: no actor (each one a new worker process) is started for it, e.g. none per Parquet
+    # read (Ray 2.60's default Parquet reader started 32 FooterReader actors per read: 352 per prepare, minutes)
+    started = [a.class_name for a in list_actors(limit=10_000) if a.actor_id not in actors_before]
+    assert not started, f"prepare started {len(started)} actors: {sorted(set(started))}"
     assert shards(cfg2) == first and len(first) >= 3
     assert {k: m2[k] for k in ("splits", "dropped", "duplicates")} == {k: m[k] for k in ("splits", "dropped", "duplicates")}
     tok = lambda c: json.loads(c.path("data", "tokenizer", "tokenizer.json").read_text())["model"]

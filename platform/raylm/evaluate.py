@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raylm.config import Config, ConfigError
-from raylm.storage import add_file, is_uri, list_files, materialize, resolve as resolve_storage, stage_io, write_json_atomic
+from raylm.storage import add_file, is_uri, list_files, materialize, read_parquet, resolve as resolve_storage, stage_io, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +342,7 @@ def score_test_split(cfg: Config, model_dir: str | Path, ctx: dict) -> dict[str,
     if not list_files(test_dir, ".parquet"):
         raise FileNotFoundError(f"no test shards under {test_dir}; run `raylm prepare` first")
     columns = ["input_ids"] + {"classification": ["attention_mask", "label"]}.get(cfg.model.task, [])
-    fs, path = resolve_storage(test_dir)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    ds = read_parquet(test_dir, columns)
     scored = ds.map_batches(
         SplitScorer,
         fn_constructor_kwargs={"model_dir": str(model_dir), "task": cfg.model.task, "ctx": ctx},

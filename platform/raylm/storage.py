@@ -56,6 +56,23 @@ def resolve(uri: str | os.PathLike):
     return pafs.FileSystem.from_uri(str(uri))
 
 
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, shuffle=None):
+    """A Ray Dataset over the Parquet files under `path` (a local path or a URI), read by Ray tasks on any node.
+
+    raylm reads its own outputs (a few shards or staged files, schema known) through Ray Data's file-based Parquet
+    datasource: Ray 2.60's default DataSourceV2 starts a pool of 32 `FooterReader` actors, each a new worker process,
+    for every read, which cost minutes per `prepare` and seconds per `fit()` on a small cluster."""
+    import ray.data
+
+    fs, in_fs = resolve(path)
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # chosen when read_parquet is called
+    try:
+        return ray.data.read_parquet(in_fs, filesystem=fs, columns=columns, shuffle=shuffle)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """`base/part/...` for a URI (its `?query` kept at the end) or a local path."""
     if not is_uri(base):

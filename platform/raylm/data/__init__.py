@@ -37,7 +37,7 @@ from raylm.data.pack import (num_groups, order_group, pack_group, shuffled_rows,
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
 from raylm.data.tokenizer import build_tokenizer, special_ids
-from raylm.storage import join, list_files, remove_dir, resolve as resolve_storage, stage_io, task_dir, write_json_atomic
+from raylm.storage import join, list_files, read_parquet, remove_dir, resolve as resolve_storage, stage_io, task_dir, write_json_atomic
 
 __all__ = ["prepare", "split_of", "SPLITS", "EmptySplitError"]
 log = logging.getLogger(__name__)
@@ -193,8 +193,7 @@ def prepare(cfg: Config) -> dict:
 
 
 def read_staged(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
-    fs, in_fs = resolve_storage(path)
-    return ray.data.read_parquet(in_fs, filesystem=fs, columns=columns)
+    return read_parquet(path, columns)
 
 
 def write_staged(ds: ray.data.Dataset, path: str | Path) -> None:
@@ -337,7 +336,7 @@ def _prepare(cfg: Config) -> dict:
                                    filesystem=fs)
                     shards = [f"{split}-00000.parquet"]
                 if task == "classification":
-                    tokens = int(ray.data.read_parquet(path, filesystem=fs, columns=["attention_mask"]).map_batches(
+                    tokens = int(read_parquet(out, ["attention_mask"]).map_batches(
                         _mask_tokens, batch_format="pyarrow").sum("n") or 0) if n_rows else 0
                 else:
                     tokens = n_rows * block
