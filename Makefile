@@ -25,7 +25,7 @@ test: $(STAMP)
 # side-by-side benchmarks (never part of `make test`): each prints `<name>: ratio <B/A> (target <T>) <PASS|MISS> ...`
 # and writes bench/results/<name>.json. BENCH_ARGS passes flags to one benchmark (e.g. a cut train-cpu matrix);
 # HEAVY prefixes each command (on a shared machine: HEAVY=/tmp/heavy, a machine-wide semaphore).
-BENCHES := train-cpu train-compile tokenize dedup prepare-scaling serve serve-batching train-gpu
+BENCHES := train-cpu train-compile tokenize dedup prepare prepare-scaling serve serve-batching train-gpu
 HEAVY ?=
 BENCH_ARGS ?=
 
