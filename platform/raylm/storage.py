@@ -56,7 +56,7 @@ def resolve(uri: str | os.PathLike):
     return pafs.FileSystem.from_uri(str(uri))
 
 
-def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, shuffle=None):
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None):
     """A Ray Dataset over the Parquet files under `path` (a local path or a URI), read by Ray tasks on any node.
 
     prepare's staged passes and evaluate's test shards (a few files, schema known) are read through Ray Data's
@@ -69,7 +69,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, shuf
     ctx = ray.data.DataContext.get_current()
     saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # chosen when read_parquet is called
     try:
-        return ray.data.read_parquet(in_fs, filesystem=fs, columns=columns, shuffle=shuffle)
+        return ray.data.read_parquet(in_fs, filesystem=fs, columns=columns)
     finally:
         ctx.use_datasource_v2 = saved
 

@@ -192,10 +192,6 @@ def prepare(cfg: Config) -> dict:
         return _prepare(cfg)
 
 
-def read_staged(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
-    return read_parquet(path, columns)
-
-
 def write_staged(ds: ray.data.Dataset, path: str | Path) -> None:
     """Stream `ds` to Parquet files under `path` (a local path or a URI; added to what is there)."""
     fs, in_fs = resolve_storage(path)
@@ -227,7 +223,7 @@ def _prepare(cfg: Config) -> dict:
             if task == "classification":
                 cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
             write_staged(cleaned.map_batches(add_chars, batch_format="pyarrow"), stage("cleaned"))
-            staged = read_staged(stage("cleaned"))
+            staged = read_parquet(stage("cleaned"))
             extra = [c for c in ("language",) if c in staged.schema().names]
             per = (staged.select_columns(["source", "reason", "n_chars", *(f"pii_{t}" for t in PII_TYPES)])
                    .map_batches(lambda t: t.set_column(1, "reason", pc.fill_null(t["reason"], "")), batch_format="pyarrow")
@@ -265,7 +261,7 @@ def _prepare(cfg: Config) -> dict:
                 buckets = max(1, -(-kept_chars // BUCKET_CHARS))
                 docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
                 schema = pa.schema(list(zip(docs.schema().names, docs.schema().types)))
-                markers = read_staged(stage("drops"), ["doc_id", "reason"]).map_batches(
+                markers = read_parquet(stage("drops"), ["doc_id", "reason"]).map_batches(
                     as_marker, fn_kwargs={"schema": schema}, batch_format="pyarrow")
                 docs = (docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
                         .groupby("bucket", num_partitions=buckets).map_groups(resolve_drops, batch_format="pyarrow"))
@@ -273,7 +269,7 @@ def _prepare(cfg: Config) -> dict:
                 docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
             write_staged(docs.map_batches(with_split, fn_kwargs={"fractions": fractions, "seed": seed}, batch_format="pyarrow"),
                          stage("docs"))
-            docs = read_staged(stage("docs"))
+            docs = read_parquet(stage("docs"))
             write_staged(docs.map_batches(_dropped_rows, fn_kwargs={"extra": extra}, batch_format="pyarrow"), rejected_dir)
             kept_docs = docs.map_batches(where("reason", None), batch_format="pyarrow")
             # per-document audit trail: which split each kept document went to
