@@ -104,7 +104,19 @@ def served(ray_session, tiny_gpt2_dir, minilm_task_dirs):
                      model_dir=minilm_task_dirs["classification"], blocking=False),
         "mlm": serve(make_cfg("tinymlm", port, "/mlm"), model_dir=minilm_task_dirs["masked_lm"], blocking=False),
     }
+
+    def teardown():
+        ray_serve.shutdown()  # the apps, their replicas, the controller and the proxy: nothing idles on 2 cores
+        env.undo()
+
+    _teardown.append(teardown)
     yield {**urls, "port": port}
-    for name in ("tinygpt", "tinycls", "tinymlm"):
-        ray_serve.delete(name)
-    env.undo()
+    shut_down_served()
+
+
+_teardown: list = []  # the served apps' teardown, run once: after the last test on them, or at session end
+
+
+def shut_down_served() -> None:
+    while _teardown:
+        _teardown.pop()()

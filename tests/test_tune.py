@@ -93,35 +93,19 @@ class PlacementGroupWatch:
 
 
 @pytest.mark.timeout(1500)
-def test_two_searches_in_a_row_release_trials_and_an_interrupted_one_resumes(tmp_path, ray_session):
-    """Search 1 runs to the end; search 2 is interrupted (SIGINT: exit 130, nothing exported) and then resumed.
-    While either runs, at most max_concurrent (2) trials hold placement groups: a trial ASHA stops mid-run has its
-    group released before more trials start (no leak to wait on, the hang this guards against), and none is left
-    once a search has ended (`stress/tune_repeat.py` runs five full searches in a row)."""
+def test_interrupted_search_resumes_and_releases_every_trial_group(tmp_path, ray_session):
+    """A search is interrupted (SIGINT: exit 130, nothing exported) and the same command, run again on the same
+    cluster, resumes it to the end. While either runs, at most max_concurrent (2) trials hold placement groups: a
+    trial ASHA stops mid-run, or the interrupted search's, has its group released before more trials start (no leak
+    to wait on, the hang this guards against), and none is left once the search has ended
+    (`stress/tune_repeat.py` runs five full searches in a row)."""
     from tiny_data import build_lm_workspace
-
-    (tmp_path / "first").mkdir()
-    build_lm_workspace(tmp_path / "first")
-    first_cfg = tmp_path / "first" / "tune.yaml"
-    first_cfg.write_text(TINY_TUNE.format(out=tmp_path / "first").replace("seed: 3", "seed: 5"))
-    # the CLI joins the session's cluster (no second cluster start)
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    watch = PlacementGroupWatch(ray_session)
-    full = subprocess.run([sys.executable, "-m", "raylm", "tune", "-c", str(first_cfg)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    most = watch.close()
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert len(json.loads((tmp_path / "first" / "tune" / "best.json").read_text())["trials"]) == 4
-    assert 1 <= most <= 2, most
-    deadline = time.time() + 30  # every finished trial's worker group is gone once the search has ended
-    while watch.live() and time.time() < deadline:
-        time.sleep(1)
-    assert watch.live() == 0, ray_session.util.placement_group_table()
 
     build_lm_workspace(tmp_path)
     cfg = tmp_path / "tune.yaml"
     cfg.write_text(TINY_TUNE.format(out=tmp_path))
     # the CLI joins the session's cluster (no second cluster start); SIGINT as a user's Ctrl+C
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "raylm", "tune", "-c", str(cfg)]
     log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would block the driver
     watch = PlacementGroupWatch(ray_session)
@@ -143,6 +127,10 @@ def test_two_searches_in_a_row_release_trials_and_an_interrupted_one_resumes(tmp
     assert 1 <= most <= 2, most
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming the experiment" in second.stderr
+    deadline = time.time() + 30  # every trial's worker group is gone once the search has ended
+    while watch.live() and time.time() < deadline:
+        time.sleep(1)
+    assert watch.live() == 0, ray_session.util.placement_group_table()
     # trials that had completed were not rerun: their results are untouched, and there are still 4 trials
     after = completed_trials(tmp_path / "tune")
     assert {k: after.get(k) for k in before} == before
