@@ -451,3 +451,22 @@ def test_compile_trains_the_same_model_through_torch_compile(tmp_path):
     eager, compiled = losses["False"], losses["True"]
     assert len(eager) == len(compiled) == 3 and all(map(math.isfinite, compiled)), losses
     assert compiled == pytest.approx(eager, rel=2e-3), losses
+
+
+def test_every_rank_reads_the_val_split_in_one_order(ray_session, tmp_path):
+    """Each rank reads the whole val split and scores every dp_size-th batch of it, so all ranks must get its rows
+    in one order (file order), or a batch is scored twice and another never: a wrong val loss, no error."""
+    import pyarrow as pa
+
+    from raylm import storage
+    from raylm.train import data_config
+
+    (tmp_path / "val").mkdir()
+    for i in range(24):
+        pq.write_table(pa.table({"input_ids": [[i]]}), tmp_path / "val" / f"val-{i:05d}.parquet")
+    dc = data_config(load_config(None, [f"output_dir={tmp_path}"]))
+    val = storage.read_parquet(tmp_path / "val")
+    ranks = dc.configure({"val": val}, world_size=2, worker_handles=None, worker_node_ids=None)
+    orders = [[row["input_ids"][0] for row in r["val"].iter_rows()] for r in ranks]
+    assert orders[0] == orders[1] == list(range(24)), orders
+    assert dc._resolve_execution_options("val").preserve_order  # guaranteed, not a lucky schedule

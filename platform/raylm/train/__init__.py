@@ -122,7 +122,10 @@ def data_config(cfg: Config):
     from ray.train import DataConfig
 
     if cfg.train.deepspeed.tensor_parallel == 1:
-        return DataConfig(datasets_to_split=["train"])
+        # each rank scores every dp_size-th val batch of its own read: all ranks must see val in one (file) order
+        ordered = DataConfig.default_ingest_options()
+        ordered.preserve_order = True
+        return DataConfig(datasets_to_split=["train"], execution_options={"val": ordered})
     from ray.data import ExecutionOptions
 
     return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
