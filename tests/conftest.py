@@ -90,17 +90,20 @@ def prepared_cls(ray_session, tmp_path_factory, minilm_path):
 from serve_apps import minilm_task_dirs, served, shut_down_served, tiny_gpt2_dir, tiny_gpt2_no_chat_dir  # noqa: E402,F401
 
 
+def uses_served(item) -> bool:
+    return "served" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The tests on the shared Serve apps run back to back, where the first of them was collected, so the apps'
     replicas stop loading 2 cores once the last of them is done (see pytest_runtest_teardown)."""
-    on_served = [i for i in items if "served" in getattr(i, "fixturenames", ())]
+    on_served = [i for i in items if uses_served(i)]
     if on_served:
         at = items.index(on_served[0])
-        rest = [i for i in items if i not in on_served]
+        rest = [i for i in items if not uses_served(i)]
         items[:] = rest[:at] + on_served + rest[at:]
 
 
 def pytest_runtest_teardown(item, nextitem):
-    if "served" in getattr(item, "fixturenames", ()) and not any(
-            "served" in getattr(i, "fixturenames", ()) for i in item.session.items[item.session.items.index(item) + 1:]):
+    if uses_served(item) and (nextitem is None or not uses_served(nextitem)):  # the served tests are contiguous
         shut_down_served()

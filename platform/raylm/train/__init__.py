@@ -121,14 +121,12 @@ def data_config(cfg: Config):
     in the same order and keeps its data-parallel rank's rows (loop.data_parallel_slice)."""
     from ray.train import DataConfig
 
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
     if cfg.train.deepspeed.tensor_parallel == 1:
         # each rank scores every dp_size-th val batch of its own read: all ranks must see val in one (file) order
-        ordered = DataConfig.default_ingest_options()
-        ordered.preserve_order = True
         return DataConfig(datasets_to_split=["train"], execution_options={"val": ordered})
-    from ray.data import ExecutionOptions
-
-    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+    return DataConfig(datasets_to_split=[], execution_options=ordered)
 
 
 def best_checkpoint(result, metric: str, mode: str, best_step: int | None = None):
