@@ -444,21 +444,25 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
     stored = listing(out)
     assert "data/manifest.json" in stored, "needs the prepared data of the multi-node run"
     earlier = checkpoint_dirs(stored)
-    steps = 16
+    steps = 32
     start = time.time()
     job_id, state, _ = readme_submit(multinode, "train.py", out, *MULTINODE_DATA, *MULTINODE_TRAIN,
-                                     "--set", f"train.max_steps={steps}", "--set", "train.eval_every=8",
+                                     "--set", f"train.max_steps={steps}", "--set", "train.eval_every=16",
                                      "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=50",
                                      wait=False, timeout=120)
     assert state in ("PENDING", "RUNNING"), state
-    # the first checkpoint lands in output_dir/train/<run>/checkpoint_*; the workers' placement is in the logs
-    victim, ckpts_at_kill = None, []
+    # the workers' placement is in the job's log (each `ray job` call imports Ray: seconds); the first checkpoint
+    # lands in output_dir/train/<run>/checkpoint_* (a bucket listing: milliseconds), so wait for them in that order
+    # and kill without a slow poll between: a 2-worker step takes ~1 s, and a late kill finds the run finished
+    victim, ckpts_at_kill, placed = None, [], {}
     deadline = time.time() + 420
-    while time.time() < deadline:
+    while time.time() < deadline and 1 not in placed:
         state, logs = job_state(multinode, job_id)
         assert state in ("PENDING", "RUNNING"), f"job ended before the kill ({state}):\n{log_tail(logs)}"
         placed = {rank: node for rank, *_, node in device_choices(logs)}
-        if 1 in placed and checkpoint_dirs(listing(out)) - earlier:
+        time.sleep(1)
+    while time.time() < deadline and 1 in placed:
+        if checkpoint_dirs(listing(out)) - earlier:
             time.sleep(4)  # Ray Train polls reports every ~2 s: let it register the checkpoint first
             ckpts_at_kill = sorted(checkpoint_dirs(listing(out)) - earlier)
             victim = next(n for n in multinode.nodes if n.node_id == placed[1])
@@ -466,7 +470,7 @@ def test_multinode_training_resumes_on_spare_node_after_losing_a_node(multinode,
             victim.kill()
             killed_at = time.time()
             break
-        time.sleep(1)
+        time.sleep(0.3)
     assert victim is not None, f"no checkpoint within the deadline:\n{log_tail(logs)}"
     spare = next(n.node_id for n in multinode.nodes if n.node_id not in first_placement.values())
     while time.time() < killed_at + 420:
