@@ -136,8 +136,9 @@ def find_duplicates(kept: ray.data.Dataset, cfg: Clean, n_docs: int, out_path: s
     near = cfg.dedup == "near"
     pairs_per_doc = 1 + (lsh_params(cfg)[0] if near else 0)
     buckets = max(1, -(-n_docs * pairs_per_doc // PAIRS_PER_BUCKET))
+    # 1,024 docs a batch, not 64: per-batch cost and driver bookkeeping should not scale with the document count
     pairs = kept.select_columns(["doc_id", "text", "exact_key"]).map_batches(
-        pair_keys, fn_kwargs={"cfg": cfg, "near": near, "buckets": buckets}, batch_format="pyarrow", batch_size=64)
+        pair_keys, fn_kwargs={"cfg": cfg, "near": near, "buckets": buckets}, batch_format="pyarrow", batch_size=1024)
     edges = pairs.groupby("bucket", num_partitions=buckets).map_groups(bucket_edges, batch_format="pyarrow")
     return ray.get(connected_components.remote(edges.to_arrow_refs(), str(out_path)))
 
