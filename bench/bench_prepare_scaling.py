@@ -7,9 +7,9 @@ Each run is a fresh driver process (its own private Ray) calling `raylm.data.pre
 corpus (bench/corpus.py) with the default cleaning and near dedup and the benchmark's pretrained BPE 8k tokenizer
 (tokenizer training is not what scales here; `--train-tokenizer` uses the config default instead). The driver's
 peak RSS is sampled from /proc/self/status every 50 ms while `prepare()` runs (VmRSS, and RssAnon: private
-memory, which excludes the object store's shared pages; `ru_maxrss` is kept too, but it peaks at import time, before
-prepare starts, so it cannot show prepare's growth); wall time is the `prepare()` call (ray.init reported apart). Scales run in
-alternating order (1 2 4, 4 2 1, ...). Targets: time(4x) <= 1.15 x 4 x time(1x); RSS(4x) <= 1.2 x RSS(1x).
+memory, which excludes the object store's shared pages); `ru_maxrss` is kept too, but it can be set at import time,
+before prepare starts, and then hides prepare's growth. Wall time is the `prepare()` call (ray.init reported apart).
+Scales run in alternating order (1 2 4, 4 2 1, ...). Targets: time(4x) <= 1.15 x 4 x time(1x); RSS(4x) <= 1.2 x RSS(1x).
 """
 
 from __future__ import annotations
