@@ -61,7 +61,9 @@ def raylm_stage(ds, tok, chars: int):
         kwargs = {"tokenizer": tok, "task": "causal_lm", "seed": 0}
         ids = ds.map_batches(pack.tokenize_lm, fn_kwargs={**kwargs, "groups": groups}, batch_format="pyarrow",
                              batch_size=256)
-        return ids, pack.shuffled_rows(ds, pack.tokenize_lm, kwargs, groups, pack.pack_group, {"block_size": BLOCK}), groups
+        extra = (pack.docs_per_task(ds.count(), chars),) if hasattr(pack, "docs_per_task") else ()  # as prepare sizes it
+        return ids, pack.shuffled_rows(ds, pack.tokenize_lm, kwargs, groups, pack.pack_group, {"block_size": BLOCK},
+                                       *extra), groups
     ids = with_pack_groups(ds).map_batches(pack.tokenize_lm, batch_format="pyarrow", batch_size=64,
                                            fn_kwargs={"tokenizer": tok, "task": "causal_lm"})
     return ids, ids.groupby("pack_group", num_partitions=GROUPS).map_groups(

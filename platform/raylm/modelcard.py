@@ -100,8 +100,9 @@ def eval_table(metrics: dict) -> str:
 
 
 def usage(cfg: Config) -> str:
-    auto = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
-            "classification": "AutoModelForSequenceClassification"}[cfg.model.task]
+    from raylm.train.models import TASK_AUTO_CLASSES  # its one home (imports torch: only when a card is written)
+
+    auto = TASK_AUTO_CLASSES[cfg.model.task]
     return (f"```python\nfrom transformers import {auto}, AutoTokenizer\n\n"
             f"model = {auto}.from_pretrained(\"path/to/model\")\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"path/to/model\")\n```\n\n"

@@ -32,10 +32,11 @@ from ray.data.aggregate import Count, Sum
 from raylm.config import Config, ConfigError
 from raylm.data.clean import PII_TYPES, clean_batch, scrub_pii
 from raylm.data.dedup import find_duplicates
-from raylm.data.pack import (num_groups, order_group, pack_group, shuffled_rows, tokenize_classification,
-                             tokenize_lm, write_shards)
+from raylm.data.pack import (docs_per_task, num_groups, order_group, pack_group, shuffled_rows,
+                             tokenize_classification, tokenize_lm, write_shards)
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
+from raylm.data.shuffle import grouped
 from raylm.data.tokenizer import build_tokenizer, special_ids
 from raylm.storage import join, list_files, read_parquet, remove_dir, resolve as resolve_storage, stage_io, task_dir, write_json_atomic
 
@@ -228,10 +229,9 @@ def _prepare(cfg: Config) -> dict:
             staged = read_parquet(stage("cleaned"))
             extra = [c for c in ("language",) if c in staged.schema().names]
             per = (staged.select_columns(["source", "reason", "n_chars", *(f"pii_{t}" for t in PII_TYPES)])
-                   .map_batches(lambda t: t.set_column(1, "reason", pc.fill_null(t["reason"], "")), batch_format="pyarrow")
-                   .groupby(["source", "reason"])
-                   .aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars"),
-                              *(Sum(f"pii_{t}", alias_name=t) for t in PII_TYPES)).take_all())
+                   .map_batches(lambda t: t.set_column(1, "reason", pc.fill_null(t["reason"], "")), batch_format="pyarrow"))
+            per = grouped(per, ["source", "reason"]).aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars"),
+                                                               *(Sum(f"pii_{t}", alias_name=t) for t in PII_TYPES)).take_all()
             info.update(rows=sum(g["n"] for g in per), bytes=sum(g["chars"] or 0 for g in per))
         read_per_source = {s.name: 0 for s in d.sources}
         dropped: dict[str, int] = {}
@@ -265,8 +265,8 @@ def _prepare(cfg: Config) -> dict:
                 schema = pa.schema(list(zip(docs.schema().names, docs.schema().types)))
                 markers = read_parquet(stage("drops"), ["doc_id", "reason"]).map_batches(
                     as_marker, fn_kwargs={"schema": schema}, batch_format="pyarrow")
-                docs = (docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
-                        .groupby("bucket", num_partitions=buckets).map_groups(resolve_drops, batch_format="pyarrow"))
+                docs = docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+                docs = grouped(docs, "bucket", buckets).map_groups(resolve_drops, batch_format="pyarrow")
             else:
                 docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
             write_staged(docs.map_batches(with_split, fn_kwargs={"fractions": fractions, "seed": seed}, batch_format="pyarrow"),
@@ -276,7 +276,7 @@ def _prepare(cfg: Config) -> dict:
             kept_docs = docs.map_batches(where("reason", None), batch_format="pyarrow")
             # per-document audit trail: which split each kept document went to
             write_staged(kept_docs.select_columns(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
-            per_split = (kept_docs.select_columns(["split", "source", "n_chars"]).groupby(["split", "source"])
+            per_split = (grouped(kept_docs.select_columns(["split", "source", "n_chars"]), ["split", "source"])
                          .aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars")).take_all())
             info.update(rows=n_kept, bytes=kept_chars)
         split_docs = {s: sum(g["n"] for g in per_split if g["split"] == s) for s in SPLITS}
@@ -290,7 +290,7 @@ def _prepare(cfg: Config) -> dict:
                                       f"({sum(split_docs.values())} kept documents); add documents or set it to 0")
         label_map = None
         if task == "classification":
-            labels = [r["label"] for r in kept_docs.select_columns(["label"]).groupby("label").count().take_all()]
+            labels = [r["label"] for r in grouped(kept_docs.select_columns(["label"]), "label").count().take_all()]
             label_map = label_ids(labels)
 
         # -- tokenizer: a bounded, seeded sample of the train split, streamed to the trainer
@@ -314,13 +314,13 @@ def _prepare(cfg: Config) -> dict:
         for split in SPLITS:
             with progress.stage(f"tokenize+pack {split}") as info:
                 part = kept_docs.map_batches(where("split", split), batch_format="pyarrow").select_columns(["doc_id", "text", "label"])
-                groups = num_groups(split_chars[split])
+                groups, per_task = num_groups(split_chars[split]), docs_per_task(split_docs[split], split_chars[split])
                 if task == "classification":
                     rows = shuffled_rows(part, tokenize_classification, {"tokenizer": tok, "block_size": block,
-                                         "label_map": label_map, "seed": seed}, groups, order_group, {})
+                                         "label_map": label_map, "seed": seed}, groups, order_group, {}, per_task)
                 else:
                     rows = shuffled_rows(part, tokenize_lm, {"tokenizer": tok, "task": task, "seed": seed}, groups,
-                                         pack_group, {"block_size": block})
+                                         pack_group, {"block_size": block}, per_task)
                 out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
                 shards = write_shards(rows, out, split, d.shards_per_split) if split_docs[split] else []
                 fs, path = resolve_storage(out)

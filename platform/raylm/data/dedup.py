@@ -25,6 +25,7 @@ from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
 from raylm.config import Clean
+from raylm.data.shuffle import grouped
 
 _WORD = re.compile(r"\w+")
 EXACT_PREFIX = "x:"  # pair keys from the exact hash; band keys are "<band>:<hash>"
@@ -139,7 +140,7 @@ def find_duplicates(kept: ray.data.Dataset, cfg: Clean, n_docs: int, out_path: s
     # 1,024 docs a batch, not 64: per-batch cost and driver bookkeeping should not scale with the document count
     pairs = kept.select_columns(["doc_id", "text", "exact_key"]).map_batches(
         pair_keys, fn_kwargs={"cfg": cfg, "near": near, "buckets": buckets}, batch_format="pyarrow", batch_size=1024)
-    edges = pairs.groupby("bucket", num_partitions=buckets).map_groups(bucket_edges, batch_format="pyarrow")
+    edges = grouped(pairs, "bucket", buckets).map_groups(bucket_edges, batch_format="pyarrow")
     return ray.get(connected_components.remote(edges.to_arrow_refs(), str(out_path)))
 
 

@@ -18,9 +18,11 @@ import pyarrow.compute as pc
 import ray
 from ray.data.datasource import FilenameProvider
 
+from raylm.data.shuffle import grouped
 from raylm.data.tokenizer import bert_style
 
 GROUP_CHARS = 64 << 20  # text characters per pack group: bounds one map_groups call's memory (~4 bytes/token)
+TOKENIZE_CHARS = 4 << 20  # text characters per tokenize task, on average
 
 
 def order_keys(doc_ids: list[str], seed: int) -> np.ndarray:
@@ -82,10 +84,19 @@ def order_group(group: pa.Table) -> pa.Table:
     return group.select(["input_ids", "attention_mask", "label"])
 
 
-def shuffled_rows(docs: ray.data.Dataset, tokenize, kwargs: dict, groups: int, finish, finish_kwargs: dict) -> ray.data.Dataset:
-    """Tokenize `docs`, move each row to its pack group (the one shuffle of token ids) and lay each group out."""
+def docs_per_task(docs: int, chars: int) -> int:
+    """Documents per tokenize task: about TOKENIZE_CHARS of text, from the split's counts."""
+    return max(1, -(-docs * TOKENIZE_CHARS // max(1, chars)))
+
+
+def shuffled_rows(docs: ray.data.Dataset, tokenize, kwargs: dict, groups: int, finish, finish_kwargs: dict,
+                  per_task: int | None = None) -> ray.data.Dataset:
+    """Tokenize `docs` (`per_task` documents a task), move each row to its pack group (the one shuffle of token
+    ids) and lay each group out."""
+    if per_task:  # streaming re-blocking: one large input block cannot leave one core tokenizing while others wait
+        docs = docs.repartition(target_num_rows_per_block=per_task)
     rows = docs.map_batches(tokenize, fn_kwargs={**kwargs, "groups": groups}, batch_format="pyarrow", batch_size=256)
-    return rows.groupby("pack_group", num_partitions=groups).map_groups(finish, fn_kwargs=finish_kwargs, batch_format="pyarrow")
+    return grouped(rows, "pack_group", groups).map_groups(finish, fn_kwargs=finish_kwargs, batch_format="pyarrow")
 
 
 class ShardNames(FilenameProvider):

@@ -291,6 +291,8 @@ def quality_summary(cleaned, q: Quality) -> dict:
     texts: the driver only sees one row per group."""
     from ray.data.aggregate import Count, Min
 
+    from raylm.data.shuffle import grouped
+
     section: dict = {"preset": q.preset, "rules": list(q.rules), "languages_kept": q.languages,
                      "min_language_score": q.min_language_score}
     if not q.enabled:
@@ -298,8 +300,8 @@ def quality_summary(cleaned, q: Quality) -> dict:
     aggs = [Count(alias_name="n"), Min("rejected_key", alias_name="rejected_key")]
     aggs += [Min(f"kept_key_{r}", alias_name=f"kept_key_{r}") for r in q.rules]
     groups = (cleaned.select_columns(["doc_id", "source", "reason", "language", "quality_detail"])
-              .map_batches(_summary_rows, fn_kwargs={"rules": list(q.rules)}, batch_format="pyarrow")
-              .groupby(["reason", "detail", "source", "language"]).aggregate(*aggs).take_all())
+              .map_batches(_summary_rows, fn_kwargs={"rules": list(q.rules)}, batch_format="pyarrow"))
+    groups = grouped(groups, ["reason", "detail", "source", "language"]).aggregate(*aggs).take_all()
     checked = [g for g in groups if g["reason"] == KEPT or g["reason"] in q.rules]  # reached the rules
     n_checked = sum(g["n"] for g in checked)
 
