@@ -20,6 +20,7 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -186,6 +187,17 @@ def prepare_context():
         ctx.execution_options.preserve_order, ctx.shuffle_strategy, ctx.default_hash_shuffle_parallelism = saved
 
 
+def cleaned_documents(d, task: str) -> ray.data.Dataset:
+    """Every source's documents, read and cleaned in one streaming pass: each with its drop reason (null: kept),
+    the text kept for data/rejected/, and `n_chars`."""
+    clean = partial(keep_raw_text, cfg=d.clean, quality=d.quality)
+    sources = [read_source(src, i, per_table=clean) for i, src in enumerate(d.sources)]  # cleaned in the read task
+    cleaned = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    if task == "classification":
+        cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
+    return cleaned.map_batches(add_chars, batch_format="pyarrow")
+
+
 @stage_io("prepare")  # remote output_dir: data/ is built in this node's mirror, then uploaded
 def prepare(cfg: Config) -> dict:
     """Run the data stage for `cfg`; writes `output_dir/data/` and returns the manifest."""
@@ -217,15 +229,7 @@ def _prepare(cfg: Config) -> dict:
     try:
         # -- read + clean, one streaming pass to staged Parquet
         with progress.stage("read+clean") as info:
-            sources = [read_source(src, i) for i, src in enumerate(d.sources)]
-            raw = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
-            # 256 docs a batch: 16 made per-batch overhead and the driver's (native) bookkeeping grow with the
-            # document count (bench/prepare_memory.py: +63 MB private from 20 K to 80 K docs, +6 MB at 256)
-            cleaned = raw.map_batches(keep_raw_text, fn_kwargs={"cfg": d.clean, "quality": d.quality},
-                                      batch_format="pyarrow", batch_size=256)
-            if task == "classification":
-                cleaned = cleaned.map_batches(require_label, batch_format="pyarrow")
-            write_staged(cleaned.map_batches(add_chars, batch_format="pyarrow"), stage("cleaned"))
+            write_staged(cleaned_documents(d, task), stage("cleaned"))
             staged = read_parquet(stage("cleaned"))
             extra = [c for c in ("language",) if c in staged.schema().names]
             per = (staged.select_columns(["source", "reason", "n_chars", *(f"pii_{t}" for t in PII_TYPES)])

@@ -11,6 +11,7 @@ record is dropped as `undecodable`.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import json
 import os
@@ -51,7 +52,10 @@ def label_str(value) -> str | None:
 # offset or a record number) makes the doc_id, so ids are stable and sort in read order. Nothing holds more than
 # one record (or one whole-file document) in memory, so a 10 GB JSONL file streams through a task.
 Item = tuple[int, str | None, str | None, str | None]
-CHUNK_BYTES = 64 << 20  # line-based files larger than this are read as several ranges, in parallel
+PerTable = Callable[[pa.Table], pa.Table]
+CHUNK_BYTES = 64 << 20  # line-based files are read in ranges of at most this many bytes, in parallel ...
+MIN_CHUNK_BYTES = 1 << 20  # ... and of at least this many, sized to give every CPU of the cluster several ranges
+RANGES_PER_CPU = 4
 BATCH_DOCS = 512  # documents per emitted table
 BATCH_CHARS = 16 << 20  # ... or this many characters, whichever comes first
 
@@ -173,11 +177,24 @@ def expand_paths(pattern: str, key: str) -> list[str]:
     return sorted(str(f.resolve()) for f in files)
 
 
-def file_ranges(paths: list[str], splittable: bool) -> list[dict]:
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
+
+
+def chunk_bytes(total_bytes: int, cpus: int) -> int:
+    """Range size for `total_bytes` of line-based files: RANGES_PER_CPU ranges per CPU, within [MIN, CHUNK_BYTES]
+    (one read task per range: a corpus of one or two files still uses every core)."""
+    return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, total_bytes // (RANGES_PER_CPU * max(1, cpus))))
+
+
+def file_ranges(paths: list[str], splittable: bool, cpus: int = 1) -> list[dict]:
+    """One {path, start, end} per read task; a line-based file is cut into ranges (a range's reader starts at the
+    first line that begins inside it)."""
+    sizes = {path: os.path.getsize(path) for path in paths}
+    chunk = chunk_bytes(sum(sizes.values()), cpus)
     out = []
-    for path in paths:
-        size = os.path.getsize(path)
-        cuts = list(range(0, size, CHUNK_BYTES)) if splittable and size > CHUNK_BYTES else [0]
+    for path, size in sizes.items():
+        cuts = list(range(0, size, chunk)) if splittable and size > chunk else [0]
         out += [{"path": path, "start": s, "end": (cuts[i + 1] if i + 1 < len(cuts) else max(size, 1))} for i, s in enumerate(cuts)]
     return out
 
@@ -189,10 +206,11 @@ def read_items(path: str, start: int, end: int, src: Source) -> Iterator[Item]:
     return PARSERS[src.format](path, start, end, src)
 
 
-def read_files(src: Source, index: int) -> ray.data.Dataset:
+def read_files(src: Source, index: int, per_table: PerTable) -> ray.data.Dataset:
     paths = expand_paths(src.path, f"data.sources.{index}.path")
-    ranges = file_ranges(paths, src.format in SPLITTABLE and (src.format != "txt" or src.split_lines))
+    ranges = file_ranges(paths, src.format in SPLITTABLE and (src.format != "txt" or src.split_lines), cluster_cpus())
 
+    @per_table_in_task(per_table)
     def read_ranges(batch: pa.Table) -> Iterator[pa.Table]:
         rows: list[dict] = []
         chars = 0
@@ -248,7 +266,7 @@ def hf_arrow_docs(path: str, file_no: int, src: Source, index: int) -> Iterator[
             row += len(docs)
 
 
-def read_hf_dataset(src: Source, index: int) -> ray.data.Dataset:
+def read_hf_dataset(src: Source, index: int, per_table: PerTable) -> ray.data.Dataset:
     """A local Hugging Face dataset. A `save_to_disk` directory is read by Ray tasks, one per Arrow file (the driver
     only lists the files); a directory of data files goes through `datasets.load_dataset` and its node-local cache
     on the driver, so a large corpus should be given as files (`path:` + `format:`) instead."""
@@ -270,6 +288,7 @@ def read_hf_dataset(src: Source, index: int) -> ray.data.Dataset:
         raise ConfigError("data.sources.text_field", f"column {src.text_field!r} not in {hf.column_names}")
     files = [f["filename"] for f in hf.cache_files]
     if hf._indices is None and files and all(Path(f).resolve().is_relative_to(path.resolve()) for f in files):
+        @per_table_in_task(per_table)
         def read_arrow_files(batch: pa.Table) -> Iterator[pa.Table]:
             for file, file_no in zip(batch["path"].to_pylist(), batch["file_no"].to_pylist()):
                 yield from hf_arrow_docs(file, file_no, src, index)
@@ -281,15 +300,30 @@ def read_hf_dataset(src: Source, index: int) -> ray.data.Dataset:
     docs = _table_docs(table.combine_chunks() if hasattr(table, "combine_chunks") else table, src)
     rows = [{"doc_id": f"{index:03d}|{path}|{i:09d}", "source": src.name, "format": "hf_dataset", "text": t,
              "label": label, "reason": r} for i, (t, label, r) in enumerate(docs)]
-    return ray.data.from_arrow(to_table(rows))
+    return ray.data.from_arrow(to_table(rows)).map_batches(per_table, batch_format="pyarrow", batch_size=BATCH_DOCS)
 
 
-def read_source(src: Source, index: int) -> ray.data.Dataset:
-    """The raw documents of one source (at most `max_docs`)."""
+def read_source(src: Source, index: int, per_table: PerTable = lambda t: t) -> ray.data.Dataset:
+    """The documents of one source (at most `max_docs`), each table of them passed through `per_table` (which keeps
+    its rows) in the task that read it."""
     if src.builtin:
-        ds = read_builtin(src, index)
+        ds = read_builtin(src, index).map_batches(per_table, batch_format="pyarrow", batch_size=BATCH_DOCS)
     elif src.hf_dataset:
-        ds = read_hf_dataset(src, index)
+        ds = read_hf_dataset(src, index, per_table)
     else:
-        ds = read_files(src, index)
+        ds = read_files(src, index, per_table)
     return ds.limit(src.max_docs) if src.max_docs else ds
+
+
+def per_table_in_task(per_table: PerTable):
+    """Wraps a read function (file units in, document tables out) to pass each table it yields (at most BATCH_DOCS
+    documents or BATCH_CHARS characters) through `per_table`. Not a map_batches(batch_size=...) after the read: Ray
+    fuses the two and bundles that many of the read's inputs (file ranges) into one task, so at 256 every range of
+    a corpus was read and processed by one task on one core."""
+    def wrap(read: Callable[[pa.Table], Iterator[pa.Table]]) -> Callable[[pa.Table], Iterator[pa.Table]]:
+        @functools.wraps(read)
+        def read_then(batch: pa.Table) -> Iterator[pa.Table]:
+            for table in read(batch):
+                yield per_table(table)
+        return read_then
+    return wrap
