@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from raylm.config import ConfigError, Source
+from raylm.data.shuffle import cluster_cpus
 
 COLUMNS = ["doc_id", "source", "format", "text", "label", "reason"]
 SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])
@@ -175,10 +176,6 @@ def expand_paths(pattern: str, key: str) -> list[str]:
     if not files:
         raise ConfigError(key, f"no files match {pattern!r}")
     return sorted(str(f.resolve()) for f in files)
-
-
-def cluster_cpus() -> int:
-    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
 
 
 def chunk_bytes(total_bytes: int, cpus: int) -> int:

@@ -10,12 +10,19 @@ dedup buckets) or, for counts, from the cluster's CPUs.
 
 from __future__ import annotations
 
+import os
+
 import ray
+
+
+def cluster_cpus() -> int:
+    """CPUs of the cluster (of this machine before Ray starts)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1)
 
 
 def cluster_partitions() -> int:
     """Partitions for a count aggregation: one per CPU of the cluster (its rows are a few bytes per document)."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return cluster_cpus()
 
 
 def grouped(ds: ray.data.Dataset, key: str | list[str], partitions: int | None = None):
