@@ -4,10 +4,12 @@
     python bench/bench_tokenize.py --mb 20     # a slice, for development
 
 A: the driver calls the Rust tokenizer's `encode_batch` on the texts (RAYON_NUM_THREADS = the core count).
-B: raylm's own stage functions (`raylm.data.pack.tokenize_lm` in `map_batches`, `pack_group` per pack group, as
-`raylm prepare` runs them) on a dataset already in Ray's object store; Ray start-up and the put are reported apart.
+B: raylm's own stage (`raylm.data.pack.shuffled_rows` with `pack_group`, as `raylm prepare` runs it: the text
+moved to its pack group, each group tokenized and packed) on a dataset already in Ray's object store, Ray given
+as many CPUs as A has threads; Ray start-up and the put are reported apart.
 Same tokenizer (a byte-level BPE 8k trained once by raylm's `train_tokenizer` on a corpus sample, cached).
-Correctness first: B's ids per document equal A's (on a sample), and B's packed tokens add up to A's.
+Correctness first: on a sample, B's packed blocks are A's ids laid out in the seeded order; B's packed tokens add
+up to A's.
 """
 
 from __future__ import annotations
@@ -41,33 +43,27 @@ def bench_tokenizer():
     return AutoTokenizer.from_pretrained(str(out))
 
 
-def with_pack_groups(ds):
-    """The earlier prepare's layout: GROUPS contiguous runs of documents in doc_id order."""
-    import pyarrow as pa
-
-    ids = sorted(r["doc_id"] for r in ds.select_columns(["doc_id"]).take_all())
-    group_of = {d: i * GROUPS // len(ids) for i, d in enumerate(ids)}
-    return ds.map_batches(lambda t: t.append_column("pack_group", pa.array(
-        [group_of[d] for d in t["doc_id"].to_pylist()], pa.int64())), batch_format="pyarrow")
-
-
 def raylm_stage(ds, tok, chars: int):
-    """prepare's tokenize + pack, called the way `raylm prepare` calls them (thin: its public stage functions).
-    Returns (per-document ids dataset, packed rows dataset, number of pack groups)."""
+    """prepare's tokenize+pack stage, called the way `raylm prepare` calls it (its public stage functions): seeded
+    pack groups sized by text, one shuffle of the text to its group, each group tokenized and packed.
+    Returns (packed rows dataset, number of pack groups)."""
     from raylm.data import pack
 
-    if hasattr(pack, "shuffled_rows"):  # streaming prepare (issue 11): seeded pack groups sized by text
-        groups = pack.num_groups(chars)
-        kwargs = {"tokenizer": tok, "task": "causal_lm", "seed": 0}
-        ids = ds.map_batches(pack.tokenize_lm, fn_kwargs={**kwargs, "groups": groups}, batch_format="pyarrow",
-                             batch_size=256)
-        extra = (pack.docs_per_task(ds.count(), chars),) if hasattr(pack, "docs_per_task") else ()  # as prepare sizes it
-        return ids, pack.shuffled_rows(ds, pack.tokenize_lm, kwargs, groups, pack.pack_group, {"block_size": BLOCK},
-                                       *extra), groups
-    ids = with_pack_groups(ds).map_batches(pack.tokenize_lm, batch_format="pyarrow", batch_size=64,
-                                           fn_kwargs={"tokenizer": tok, "task": "causal_lm"})
-    return ids, ids.groupby("pack_group", num_partitions=GROUPS).map_groups(
-        pack.pack_group, fn_kwargs={"block_size": BLOCK}, batch_format="pyarrow"), GROUPS
+    groups = pack.num_groups(chars)
+    layout = {"tokenizer": tok, "task": "causal_lm", "block_size": BLOCK, "threads": pack.group_threads(groups)}
+    return pack.shuffled_rows(ds, 0, groups, pack.pack_group, layout), groups
+
+
+def expected_blocks(texts: list[str], doc_ids: list[str], backend, eos: int) -> list[list[int]]:
+    """A's encodings laid out the way the stage promises: documents in seeded order-key order, EOS after each,
+    concatenated and cut into BLOCK-token blocks (one pack group)."""
+    import numpy as np
+
+    from raylm.data.pack import order_keys
+
+    ids = [e.ids + [eos] for e in backend.encode_batch(texts, add_special_tokens=False)]
+    stream = [t for i in np.argsort(order_keys(doc_ids, 0), kind="stable") for t in ids[i]]
+    return [stream[i:i + BLOCK] for i in range(0, len(stream) - BLOCK + 1, BLOCK)]
 
 
 def main() -> None:
@@ -99,25 +95,26 @@ def main() -> None:
     from raylm.data import prepare_context
 
     t0 = time.perf_counter()
-    private_ray()
+    private_ray(num_cpus=os.cpu_count())  # B's thread budget = A's: the cores
     ray_init_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ds = ray.data.from_arrow(table).repartition(max(8, len(texts) // 2000)).materialize()
+    with prepare_context():  # a Dataset keeps the Ray Data context it was made in: prepare's, as in prepare
+        ds = ray.data.from_arrow(table).repartition(max(8, len(texts) // 2000)).materialize()
     put_s = time.perf_counter() - t0
 
     def raylm() -> dict:
         t0 = time.perf_counter()
         with prepare_context():  # the Ray Data settings `raylm prepare` runs under (order kept, sort shuffle)
-            _, packed, groups = raylm_stage(ds, tok, chars)
+            packed, groups = raylm_stage(ds, tok, chars)
             packed = packed.materialize()
         return {"s": time.perf_counter() - t0, "blocks": packed.count(), "groups": groups}
 
-    # -- correctness: same ids per document on a sample, and the packed total adds up
+    # -- correctness: on a sample, B's packed blocks are A's ids in the promised order; the packed total adds up
+    sample = table.slice(0, SAMPLE)
     with prepare_context():
-        ids, _, _ = raylm_stage(ray.data.from_arrow(table.slice(0, SAMPLE)), tok, chars)
-        got = {r["doc_id"]: list(r["ids"]) for r in ids.take_all()}
-    want = [e.ids + [eos] for e in backend.encode_batch(texts[:SAMPLE], add_special_tokens=False)]
-    same_ids = all(got[d] == w for d, w in zip(table["doc_id"][:SAMPLE].to_pylist(), want))
+        got, _ = raylm_stage(ray.data.from_arrow(sample), tok, sum(len(t) for t in texts[:SAMPLE]))
+        got = [list(r["input_ids"]) for r in got.take_all()]
+    same_ids = got == expected_blocks(texts[:SAMPLE], sample["doc_id"].to_pylist(), backend, eos)
 
     runs = interleave({"A": plain, "B": raylm}, args.rounds)
     tokens = runs["A"][0]["tokens"]

@@ -33,8 +33,8 @@ from ray.data.aggregate import Count, Sum
 from raylm.config import Config, ConfigError
 from raylm.data.clean import PII_TYPES, clean_batch, scrub_pii
 from raylm.data.dedup import find_duplicates
-from raylm.data.pack import (docs_per_task, num_groups, order_group, pack_group, shuffled_rows,
-                             tokenize_classification, tokenize_lm, write_shards)
+from raylm.data.pack import (SHARD_SCHEMAS, classification_group, group_threads, num_groups, pack_group, shuffled_rows,
+                             write_shards)
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
 from raylm.data.shuffle import grouped
@@ -44,11 +44,6 @@ from raylm.storage import join, list_files, read_parquet, remove_dir, resolve as
 __all__ = ["prepare", "split_of", "SPLITS", "EmptySplitError"]
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-# shard schemas by "is classification" (docs/CONTRACTS.md `data/`)
-SHARD_SCHEMAS = {
-    False: pa.schema([("input_ids", pa.list_(pa.int32()))]),
-    True: pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("label", pa.int64())]),
-}
 REJECTED_COLUMNS = ["doc_id", "source", "reason", "text"]  # + `language` when clean_batch adds it
 DOC_COLUMNS = ["doc_id", "source", "text", "label"]
 BUCKET_CHARS = 128 << 20  # text characters per bucket when drops are applied (one map_groups call each)
@@ -318,13 +313,13 @@ def _prepare(cfg: Config) -> dict:
         for split in SPLITS:
             with progress.stage(f"tokenize+pack {split}") as info:
                 part = kept_docs.map_batches(where("split", split), batch_format="pyarrow").select_columns(["doc_id", "text", "label"])
-                groups, per_task = num_groups(split_chars[split]), docs_per_task(split_docs[split], split_chars[split])
+                groups = num_groups(split_chars[split])
                 if task == "classification":
-                    rows = shuffled_rows(part, tokenize_classification, {"tokenizer": tok, "block_size": block,
-                                         "label_map": label_map, "seed": seed}, groups, order_group, {}, per_task)
+                    rows = shuffled_rows(part, seed, groups, classification_group,
+                                         {"tokenizer": tok, "block_size": block, "label_map": label_map})
                 else:
-                    rows = shuffled_rows(part, tokenize_lm, {"tokenizer": tok, "task": task, "seed": seed}, groups,
-                                         pack_group, {"block_size": block}, per_task)
+                    rows = shuffled_rows(part, seed, groups, pack_group, {"tokenizer": tok, "task": task,
+                                         "block_size": block, "threads": group_threads(groups)})
                 out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
                 shards = write_shards(rows, out, split, d.shards_per_split) if split_docs[split] else []
                 fs, path = resolve_storage(out)

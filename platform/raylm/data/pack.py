@@ -1,15 +1,21 @@
-"""Tokenize, shuffle, pack and write. Each document gets a seeded 64-bit order key from its doc_id; its pack group
+"""Shuffle, tokenize, pack and write. Each document gets a seeded 64-bit order key from its doc_id; its pack group
 is that key modulo the number of groups (sized from the split's text, about `GROUP_CHARS` per group), so groups
-are random, bounded subsets of the split. Ray Data map_batches tokenizes; a groupby over the pack group moves
-the token ids once, and each group's documents are laid out by order key (a seeded global random order, mixed
-across sources and labels), then LM documents are joined (EOS, or BERT-style `[CLS] doc [SEP]`) and cut into
-`block_size` blocks; classification rows are truncated and padded. The blocks do not depend on Ray's block
-layout, so the same config writes byte-identical shards. Shards are written with `write_parquet` under
-deterministic names."""
+are random, bounded subsets of the split. One sort with a partition per group moves each document's text to its
+group (the one shuffle); each group is then tokenized and laid out in one task: its documents in order-key order
+(a seeded global random order, mixed across sources and labels), LM documents joined (EOS, or BERT-style
+`[CLS] doc [SEP]`) and cut into `block_size` blocks; classification rows truncated and padded. The blocks do
+not depend on Ray's block layout, so the same config writes byte-identical shards. Shards are written with
+`write_parquet` under deterministic names.
+
+Tokenizing after the shuffle, not before it: a streaming tokenize op shares Ray Data's CPU budget with the
+ops around it and ran 1-2 tasks at a time on 2 cores (bench tokenize 0.46-0.65 of bare `encode_batch`); a group
+task runs after the shuffle with the whole budget, on `threads` tokenizer threads when there are fewer groups
+than CPUs."""
 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +24,15 @@ import pyarrow.compute as pc
 import ray
 from ray.data.datasource import FilenameProvider
 
-from raylm.data.shuffle import grouped
 from raylm.data.tokenizer import bert_style
 
-GROUP_CHARS = 64 << 20  # text characters per pack group: bounds one map_groups call's memory (~4 bytes/token)
-TOKENIZE_CHARS = 4 << 20  # text characters per tokenize task, on average
+GROUP_CHARS = 64 << 20  # text characters per pack group: bounds one group task's memory (text + 4 bytes/token)
+# shard schemas by "is classification" (docs/CONTRACTS.md `data/`)
+SHARD_SCHEMAS = {
+    False: pa.schema([("input_ids", pa.list_(pa.int32()))]),
+    True: pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("label", pa.int64())]),
+}
+ENCODE_DOCS = 256  # documents per encode_batch call: bounds the tokenizer's Encoding objects alive at once
 
 
 def order_keys(doc_ids: list[str], seed: int) -> np.ndarray:
@@ -40,63 +50,80 @@ def with_order(table: pa.Table, seed: int, groups: int) -> pa.Table:
     return table.append_column("order", pa.array(keys, pa.int64())).append_column("pack_group", pa.array(keys % groups, pa.int64()))
 
 
-def tokenize_lm(batch: pa.Table, tokenizer, task: str, seed: int, groups: int) -> pa.Table:
-    """One row per document: its token ids with the document separator(s) the packed layout uses."""
-    tok = tokenizer  # the transformers tokenizer itself travels with the task: no shared filesystem needed
-    backend = tok.backend_tokenizer
-    texts = batch["text"].to_pylist()
+def in_order(group: pa.Table) -> pa.Table:
+    return group.take(np.argsort(group["order"].to_numpy(), kind="stable"))
+
+
+def on_threads(fn, texts: list[str], threads: int) -> list:
+    """`fn` over consecutive chunks of ENCODE_DOCS texts, in order, on `threads` threads (the Rust tokenizer
+    releases the GIL)."""
+    chunks = [texts[i:i + ENCODE_DOCS] for i in range(0, len(texts), ENCODE_DOCS)]
+    if threads <= 1 or len(chunks) <= 1:
+        return [fn(c) for c in chunks]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, chunks))
+
+
+def pack_group(group: pa.Table, tokenizer, task: str, block_size: int, threads: int = 1) -> pa.Table:
+    """One pack group: its documents in order-key order, tokenized with the document separator(s), concatenated
+    and cut into blocks; the last partial block of the group is dropped (no padding in LM shards)."""
+    backend = tokenizer.backend_tokenizer  # the transformers tokenizer travels with the task: no shared filesystem
     if bert_style(task):
-        ids = [[tok.cls_token_id, *e.ids, tok.sep_token_id] for e in backend.encode_batch(texts, add_special_tokens=False)]
+        head, tail = [tokenizer.cls_token_id], [tokenizer.sep_token_id]
     else:
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        ids = [[*e.ids, eos] for e in backend.encode_batch(texts, add_special_tokens=False)]
-    out = pa.table({"doc_id": batch["doc_id"], "ids": pa.array(ids, pa.list_(pa.int32()))})
-    return with_order(out, seed, groups)
+        head, tail = [], [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]
 
+    def ids(texts: list[str]) -> np.ndarray:
+        rows = [[*head, *e.ids, *tail] for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return pa.array(rows, pa.list_(pa.int32())).flatten().to_numpy()
 
-def pack_group(group: pa.Table, block_size: int) -> pa.Table:
-    """Ray Data map_groups: one pack group's documents in order-key order, concatenated and cut into blocks;
-    the last partial block of the group is dropped (no padding in LM shards)."""
-    order = np.argsort(group["order"].to_numpy(), kind="stable")
-    # whole-column Arrow take + flatten: no Python step per document or per block
-    stream = pc.list_flatten(group["ids"].take(order)).to_numpy().astype(np.int32, copy=False)
+    parts = on_threads(ids, in_order(group)["text"].to_pylist(), threads)
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     n = len(stream) // block_size
     offsets = pa.array(np.arange(0, (n + 1) * block_size, block_size, dtype=np.int32))
     return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(stream[: n * block_size]))})
 
 
-def tokenize_classification(batch: pa.Table, tokenizer, block_size: int, label_map: dict[str, int], seed: int,
-                            groups: int) -> pa.Table:
-    """One row per document, truncated and padded to `block_size`, with its label id."""
-    enc = tokenizer(batch["text"].to_pylist(), truncation=True, max_length=block_size, padding="max_length")
-    out = pa.table({
-        "doc_id": batch["doc_id"],
-        "input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32())),
-        "attention_mask": pa.array(enc["attention_mask"], pa.list_(pa.int8())),
-        "label": pa.array([label_map[x] for x in batch["label"].to_pylist()], pa.int64()),
-    })
-    return with_order(out, seed, groups)
+def classification_group(group: pa.Table, tokenizer, block_size: int, label_map: dict[str, int]) -> pa.Table:
+    """One group of a classification split: its rows in order-key order, truncated and padded to `block_size`,
+    with label ids (one thread: the transformers call sets truncation state on the shared Rust tokenizer)."""
+    group = in_order(group)
+
+    def rows(texts: list[str]) -> pa.Table:
+        enc = tokenizer(texts, truncation=True, max_length=block_size, padding="max_length")
+        return pa.table({"input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32())),
+                         "attention_mask": pa.array(enc["attention_mask"], pa.list_(pa.int8()))})
+
+    parts = on_threads(rows, group["text"].to_pylist(), threads=1)
+    if not parts:
+        return SHARD_SCHEMAS[True].empty_table()
+    return pa.concat_tables(parts).append_column("label", pa.array([label_map[x] for x in group["label"].to_pylist()], pa.int64()))
 
 
-def order_group(group: pa.Table) -> pa.Table:
-    """Ray Data map_groups (classification): the group's rows in order-key order."""
-    group = group.take(np.argsort(group["order"].to_numpy(), kind="stable"))
-    return group.select(["input_ids", "attention_mask", "label"])
+def each_group(block: pa.Table, layout, layout_kwargs: dict) -> pa.Table:
+    """map_batches over whole shuffled blocks: `layout` on each pack group in the block (one, unless empty)."""
+    if not block.num_rows:
+        return layout(block, **layout_kwargs)
+    column = block["pack_group"]
+    return pa.concat_tables([layout(block.filter(pc.equal(column, k)), **layout_kwargs)
+                             for k in np.unique(column.to_numpy())])
 
 
-def docs_per_task(docs: int, chars: int) -> int:
-    """Documents per tokenize task: about TOKENIZE_CHARS of text, from the split's counts."""
-    return max(1, -(-docs * TOKENIZE_CHARS // max(1, chars)))
+def group_threads(groups: int) -> int:
+    """Tokenizer threads per group task: the cluster's CPUs shared among the groups, at most one node's CPUs,
+    so the stage never runs more threads than the cluster has CPUs."""
+    from raylm.data.shuffle import cluster_cpus, node_cpus
+
+    return max(1, min(cluster_cpus() // groups, node_cpus()))
 
 
-def shuffled_rows(docs: ray.data.Dataset, tokenize, kwargs: dict, groups: int, finish, finish_kwargs: dict,
-                  per_task: int | None = None) -> ray.data.Dataset:
-    """Tokenize `docs` (`per_task` documents a task), move each row to its pack group (the one shuffle of token
-    ids) and lay each group out."""
-    if per_task:  # streaming re-blocking: one large input block cannot leave one core tokenizing while others wait
-        docs = docs.repartition(target_num_rows_per_block=per_task)
-    rows = docs.map_batches(tokenize, fn_kwargs={**kwargs, "groups": groups}, batch_format="pyarrow", batch_size=256)
-    return grouped(rows, "pack_group", groups).map_groups(finish, fn_kwargs=finish_kwargs, batch_format="pyarrow")
+def shuffled_rows(docs: ray.data.Dataset, seed: int, groups: int, layout, layout_kwargs: dict) -> ray.data.Dataset:
+    """Give each document its order key and pack group, move its text to its group (a sort with one partition per
+    group: two groups never share a task) and lay each group out with `layout`."""
+    keyed = docs.map_batches(with_order, fn_kwargs={"seed": seed, "groups": groups}, batch_format="pyarrow")
+    by_group = keyed.sort("pack_group", boundaries=list(range(1, groups))) if groups > 1 else keyed.repartition(1)
+    return by_group.map_batches(each_group, fn_kwargs={"layout": layout, "layout_kwargs": layout_kwargs},
+                                batch_size=None, batch_format="pyarrow")
 
 
 class ShardNames(FilenameProvider):

@@ -29,3 +29,10 @@ def grouped(ds: ray.data.Dataset, key: str | list[str], partitions: int | None =
     """`ds.groupby(key)` over `partitions` combined blocks (default: `cluster_partitions()`)."""
     partitions = partitions or cluster_partitions()
     return ds.repartition(partitions).groupby(key, num_partitions=partitions)
+
+
+def node_cpus() -> int:
+    """CPUs of the largest node (of this machine before Ray starts)."""
+    if not ray.is_initialized():
+        return os.cpu_count() or 1
+    return max(1, max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1))
