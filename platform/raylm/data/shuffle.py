@@ -1,11 +1,12 @@
-"""Grouping in prepare: every groupby goes through `grouped`, which first combines the dataset's blocks.
+"""Grouping in prepare: every groupby goes through `grouped`, which first combines the dataset's blocks (the pack
+shuffle is a sort with one partition per group instead: `pack.shuffled_rows`).
 
 prepare runs Ray Data's sort shuffle (`prepare_context`), and a sort splits every input block into one piece per
 output block, as many outputs as inputs: N blocks in make N² objects, each owned by the driver (small ones held
 in its memory). read_parquet splits the few staged files into ~200 blocks, so at 208 MB the shuffles cost ~70 s
 each and grew the driver's private memory from 354 to 731 MB (bench prepare-scaling, 1x vs 4x). Combining first
-(`repartition(n)`: adjacent blocks concatenated, no shuffle) makes it n² with n sized from the data (pack groups,
-dedup buckets) or, for counts, from the cluster's CPUs.
+(`repartition(n)`: adjacent blocks concatenated, no shuffle) makes it n² with n sized from the data (dedup
+buckets, drop buckets) or, for counts, from the cluster's CPUs.
 """
 
 from __future__ import annotations
