@@ -231,6 +231,36 @@ def test_a_prepare_groupby_shuffles_few_blocks_not_one_piece_per_pair_of_blocks(
     assert re.findall(r"Suboperator \d+ SortMap: \d+ tasks executed, (\d+) blocks produced", stats) == ["3"], stats
 
 
+def test_prepare_counts_are_totalled_per_block_without_a_shuffle(ray_session):
+    """prepare's counts (per source and reason, split, label, quality rule) are pyarrow totals per block, added up
+    on the driver as they stream in: Ray Data's groupby-aggregate over the 231 staged blocks of a 4x corpus grew
+    the driver's private memory by 150 MB (bench prepare-scaling 1.26, target 1.2). A null key is its own group;
+    sums and mins skip nulls; the result is what plain Python computes from the rows."""
+    import numpy as np
+    import ray
+
+    from raylm.data import prepare_context
+    from raylm.data.shuffle import group_totals
+
+    def rows(b):
+        i = b["id"]
+        return {"source": np.where(i % 3 == 0, "a", "b"), "reason": np.where(i % 4 == 0, None, "short").astype(object),
+                "n": i, "key": np.where(i % 7 == 0, None, (i % 97).astype(str)).astype(object)}
+
+    with prepare_context():
+        ds = ray.data.range(4000, override_num_blocks=200).map_batches(rows)
+        got = group_totals(ds, ["source", "reason"], {"docs": (None, "count"), "chars": ("n", "sum"), "first": ("key", "min")})
+    expected = {}
+    for i in range(4000):
+        g = expected.setdefault(("a" if i % 3 == 0 else "b", None if i % 4 == 0 else "short"), [0, 0, []])
+        g[0] += 1
+        g[1] += i
+        g[2] += [] if i % 7 == 0 else [str(i % 97)]
+    assert [(r["source"], r["reason"]) for r in got] == [("a", None), ("a", "short"), ("b", None), ("b", "short")]
+    assert {(r["source"], r["reason"]): [r["docs"], r["chars"], r["first"]] for r in got} == {
+        k: [n, c, min(keys)] for k, (n, c, keys) in expected.items()}
+
+
 def test_each_pack_group_is_tokenized_and_packed_in_its_own_task_in_the_seeded_order(ray_session, minilm_path):
     """The text moves to its pack group in one sort with a partition per group, then each group is tokenized and
     packed in one task: tokenizing in a streaming op before the shuffle ran 1-2 tasks at a time on 2 cores (Ray

@@ -28,7 +28,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import DataContext
-from ray.data.aggregate import Count, Sum
 
 from raylm.config import Config, ConfigError
 from raylm.data.clean import PII_TYPES, clean_batch, scrub_pii
@@ -37,7 +36,7 @@ from raylm.data.pack import (SHARD_SCHEMAS, classification_group, group_threads,
                              write_shards)
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
-from raylm.data.shuffle import grouped
+from raylm.data.shuffle import group_totals, grouped
 from raylm.data.tokenizer import build_tokenizer, special_ids
 from raylm.storage import join, list_files, read_parquet, remove_dir, resolve as resolve_storage, stage_io, task_dir, write_json_atomic
 
@@ -227,10 +226,8 @@ def _prepare(cfg: Config) -> dict:
             write_staged(cleaned_documents(d, task), stage("cleaned"))
             staged = read_parquet(stage("cleaned"))
             extra = [c for c in ("language",) if c in staged.schema().names]
-            per = (staged.select_columns(["source", "reason", "n_chars", *(f"pii_{t}" for t in PII_TYPES)])
-                   .map_batches(lambda t: t.set_column(1, "reason", pc.fill_null(t["reason"], "")), batch_format="pyarrow"))
-            per = grouped(per, ["source", "reason"]).aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars"),
-                                                               *(Sum(f"pii_{t}", alias_name=t) for t in PII_TYPES)).take_all()
+            per = group_totals(staged, ["source", "reason"], {"n": (None, "count"), "chars": ("n_chars", "sum"),
+                                                               **{t: (f"pii_{t}", "sum") for t in PII_TYPES}})
             info.update(rows=sum(g["n"] for g in per), bytes=sum(g["chars"] or 0 for g in per))
         read_per_source = {s.name: 0 for s in d.sources}
         dropped: dict[str, int] = {}
@@ -275,8 +272,7 @@ def _prepare(cfg: Config) -> dict:
             kept_docs = docs.map_batches(where("reason", None), batch_format="pyarrow")
             # per-document audit trail: which split each kept document went to
             write_staged(kept_docs.select_columns(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
-            per_split = (grouped(kept_docs.select_columns(["split", "source", "n_chars"]), ["split", "source"])
-                         .aggregate(Count(alias_name="n"), Sum("n_chars", alias_name="chars")).take_all())
+            per_split = group_totals(kept_docs, ["split", "source"], {"n": (None, "count"), "chars": ("n_chars", "sum")})
             info.update(rows=n_kept, bytes=kept_chars)
         split_docs = {s: sum(g["n"] for g in per_split if g["split"] == s) for s in SPLITS}
         split_chars = {s: sum(g["chars"] or 0 for g in per_split if g["split"] == s) for s in SPLITS}
@@ -289,7 +285,7 @@ def _prepare(cfg: Config) -> dict:
                                       f"({sum(split_docs.values())} kept documents); add documents or set it to 0")
         label_map = None
         if task == "classification":
-            labels = [r["label"] for r in grouped(kept_docs.select_columns(["label"]), "label").count().take_all()]
+            labels = [r["label"] for r in group_totals(kept_docs, ["label"], {"n": (None, "count")})]
             label_map = label_ids(labels)
 
         # -- tokenizer: a bounded, seeded sample of the train split, streamed to the trainer

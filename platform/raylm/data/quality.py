@@ -287,21 +287,19 @@ def quality_summary(cleaned, q: Quality) -> dict:
     """The manifest's `quality` section from the cleaned Ray Dataset (columns doc_id, source, reason, text,
     language, quality_detail): per rule the documents dropped, their share of the documents checked, per source,
     per language and per sub-rule, one rejected and one kept example; documents per language (kept, dropped).
-    One Ray Data groupby over the (reason, sub-rule, source, language) groups plus a filter for the few example
+    Totals per (reason, sub-rule, source, language) group (`group_totals`) plus a filter for the few example
     texts: the driver only sees one row per group."""
-    from ray.data.aggregate import Count, Min
-
-    from raylm.data.shuffle import grouped
+    from raylm.data.shuffle import group_totals
 
     section: dict = {"preset": q.preset, "rules": list(q.rules), "languages_kept": q.languages,
                      "min_language_score": q.min_language_score}
     if not q.enabled:
         return section
-    aggs = [Count(alias_name="n"), Min("rejected_key", alias_name="rejected_key")]
-    aggs += [Min(f"kept_key_{r}", alias_name=f"kept_key_{r}") for r in q.rules]
+    totals = {"n": (None, "count"), "rejected_key": ("rejected_key", "min"),
+              **{f"kept_key_{r}": (f"kept_key_{r}", "min") for r in q.rules}}
     groups = (cleaned.select_columns(["doc_id", "source", "reason", "language", "quality_detail"])
               .map_batches(_summary_rows, fn_kwargs={"rules": list(q.rules)}, batch_format="pyarrow"))
-    groups = grouped(groups, ["reason", "detail", "source", "language"]).aggregate(*aggs).take_all()
+    groups = group_totals(groups, ["reason", "detail", "source", "language"], totals)
     checked = [g for g in groups if g["reason"] == KEPT or g["reason"] in q.rules]  # reached the rules
     n_checked = sum(g["n"] for g in checked)
 
