@@ -122,7 +122,12 @@ def test_interrupted_search_resumes_and_releases_every_trial_group(tmp_path, ray
     assert re.search(r"interrupted after \d of 4 trials; rerun the same command to resume", err), err[-2000:]
     assert not (tmp_path / "tune" / "best.json").exists() and not (tmp_path / "model" / "training_summary.json").exists()
 
-    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    try:
+        second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as hung:  # name what it waited for (the search reports a trial stuck 120 s)
+        tail = (hung.stderr or b"")[-4000:].decode(errors="replace")
+        pytest.fail(f"the resumed search hung; its stderr ends:\n{tail}\nplacement groups: "
+                    f"{ray_session.util.placement_group_table()}\nfree: {ray_session.available_resources()}")
     most = watch.close()
     assert 1 <= most <= 2, most
     assert second.returncode == 0, second.stderr[-3000:]

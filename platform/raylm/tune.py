@@ -227,7 +227,7 @@ def _tune_callback_base() -> type:
 class ReleaseFinishedTrials(_tune_callback_base()):
     """Tune driver side: once a finished or errored trial's Train controller is dead, removes the placement groups
     it left; a running trial whose Train workers have not started WAIT_REPORT_S after its start or last result is
-    reported once with the placement groups still waiting and the cluster's free resources."""
+    reported once with every placement group that holds or waits for resources, and the cluster's free ones."""
 
     def __init__(self):
         self.ended: dict[str, float] = {}  # trial id -> when it ended
@@ -288,10 +288,11 @@ class ReleaseFinishedTrials(_tune_callback_base()):
             if (trial_run_record(trial.trial_id) or {}).get("placement_groups"):
                 continue  # its workers have their resources: slow, not waiting
             self.warned.add(trial.trial_id)
-            pending = [{"bundles": pg.get("bundles"), "strategy": pg.get("strategy")}
-                       for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
-            msg = (f"trial {trial.trial_id} has waited {now - since:.0f} s for its Train workers; placement groups waiting for "
-                   f"resources: {pending or 'none'}; free now: {ray.available_resources()} of {ray.cluster_resources()}")
+            groups = [{"id": pg_id[:8], "state": pg.get("state"), "bundles": list((pg.get("bundles") or {}).values())}
+                      for pg_id, pg in ray.util.placement_group_table().items() if pg.get("state") != "REMOVED"]
+            msg = (f"trial {trial.trial_id} has waited {now - since:.0f} s for its Train workers; placement groups "
+                   f"(waiting or holding resources): {groups or 'none'}; free now: {ray.available_resources()} of "
+                   f"{ray.cluster_resources()}")
             log.warning("tune: %s", msg)
             print(f"[raylm tune] {msg}", file=sys.stderr, flush=True)
 
