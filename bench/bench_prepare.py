@@ -53,6 +53,13 @@ def plain_prepare(cfg, out: Path) -> dict:
 
     d, src = cfg.data, cfg.data.sources[0]
     out.mkdir(parents=True, exist_ok=True)
+    stages, t0 = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        stages[name] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+
     kept_ids, kept_texts, kept_keys, dropped = [], [], [], {}
     rejected: list[pa.Table] = []
     for path in expand_paths(src.path, "data.sources.0.path"):
@@ -69,7 +76,9 @@ def plain_prepare(cfg, out: Path) -> dict:
             mask = pa.array([r is not None for r in reasons])
             rejected.append(t.filter(mask).select(["doc_id", "source", "reason", "text"]))
     read = len(kept_ids) + sum(dropped.values())
+    lap("read+clean")
     dups = plain_dedup(kept_ids, kept_texts, verify=False, exact_keys=kept_keys) if d.clean.dedup != "none" else set()
+    lap("dedup")
     fractions = d.split.model_dump()
     by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for doc_id, text in zip(kept_ids, kept_texts):
@@ -82,6 +91,7 @@ def plain_prepare(cfg, out: Path) -> dict:
     pq.write_table(pa.concat_tables(rejected), out / "rejected.parquet")
     pq.write_table(pa.table({"doc_id": [x for s in SPLITS for x, _ in by_split[s]],
                              "split": [s for s in SPLITS for _ in by_split[s]]}), out / "documents.parquet")
+    lap("split+rejected")
     tok = AutoTokenizer.from_pretrained(d.tokenizer.pretrained)
     backend, eos, block = tok.backend_tokenizer, tok.eos_token_id, d.block_size
     rng = np.random.default_rng(cfg.seed)
@@ -95,7 +105,9 @@ def plain_prepare(cfg, out: Path) -> dict:
         for k, part in enumerate(np.array_split(rows, d.shards_per_split)):
             pq.write_table(pa.table({"input_ids": pa.array(list(part), pa.list_(pa.int32()))}), out / f"{s}-{k:05d}.parquet")
         splits[s] = {"documents": len(docs), "tokens": n * block}
-    return {"documents_read": read, "dropped": dict(sorted(dropped.items())), "duplicates": len(dups), "splits": splits}
+        lap(f"tokenize+pack {s}")
+    return {"documents_read": read, "dropped": dict(sorted(dropped.items())), "duplicates": len(dups), "splits": splits,
+            "stages_s": stages}
 
 
 def summary(manifest: dict) -> dict:
@@ -138,6 +150,7 @@ def main() -> None:
             out = Path(tmp, f"a-{len(found)}")
             t0 = time.perf_counter()
             found["A"] = plain_prepare(config(src, str(out)), out)
+            found["A_stages"] = found["A"].pop("stages_s")
             s = time.perf_counter() - t0
             remove_output(out)
             return {"s": s, "MB/s": raw_mb / s}
@@ -166,14 +179,14 @@ def main() -> None:
     res.a, res.b = f"{spread(a_mbs)['median']:.2f}MB/s", f"{spread(b_mbs)['median']:.2f}MB/s"
     res.details = {"raw_input_mb": raw_mb, "corpus_text_mb": args.mb, "same_documents": same_docs,
                    "tokens_within_one_block_per_group": tokens_close, "A_result": a, "B_result": b,
-                   "B_stages_s": found["B_stages"], "ray_init_s": ray_init_s, "warmup_s": warmup_s,
+                   "A_stages_s": found["A_stages"], "B_stages_s": found["B_stages"], "ray_init_s": ray_init_s, "warmup_s": warmup_s,
                    "A_MB_s": spread(a_mbs), "B_MB_s": spread(b_mbs), "ratio": spread(rat), "per_round_ratio": rat,
                    "runs": runs}
     finish(res, [f"prepare: {raw_mb:.0f} MB of JSONL, {a['documents_read']:,} docs; same documents {same_docs}, "
                  f"tokens close {tokens_close} (A {sum(v['tokens'] for v in a['splits'].values()):,}, "
                  f"B {sum(v['tokens'] for v in b['splits'].values()):,}); spread ±{spread(rat)['spread_pct']:.0f}%; "
                  f"start-up: ray.init {ray_init_s:.1f}s, warm-up prepare ({WARMUP_MB} MB) {warmup_s:.1f}s; "
-                 f"B stages {found['B_stages']}"])
+                 f"A stages {found['A_stages']}; B stages {found['B_stages']}"])
 
 
 def remove_output(out: Path) -> None:

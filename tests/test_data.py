@@ -202,7 +202,7 @@ def test_near_dedup_equals_plain_datasketch(ray_session):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        counts = find_duplicates(ds, cfg, len(items), Path(tmp) / "drops.parquet")
+        counts, _ = find_duplicates(ds, cfg, len(items), Path(tmp) / "drops.parquet")
         got = pq.read_table(Path(tmp) / "drops.parquet").to_pydict()
     assert 20 < len(expected) < 75 + 12  # the planted pairs and exact copies, not everything
     assert set(got["doc_id"]) == expected

@@ -1,12 +1,12 @@
 """`raylm prepare`: raw text to tokenized Parquet shards with Ray Data, streaming end to end.
 
 read (readers.py) -> clean (clean.py) -> staged Parquet -> dedup exact/near over (key, doc_id) pairs (dedup.py)
--> apply drops, split each document by a seeded hash of its id -> staged Parquet -> train the tokenizer on a
-bounded seeded sample of the train split (tokenizer.py) or load one -> tokenize, shuffle, pack, write shards
-(pack.py) -> manifest.json. The driver holds counts, never per-document state: every count is a Ray Data
-aggregation, drops travel as Parquet, not as lists. Every dropped document lands in `data/rejected/` with its
-reason. Everything lands in a temporary directory renamed to `output_dir/data` at the end, so a crashed run
-never leaves a half-written `data/` behind. See docs/CONTRACTS.md (`data/`) for the layout other stages read.
+-> apply drops, split each document by a seeded hash of its id -> staged Parquet, one directory per split and
+one for the dropped -> train the tokenizer on a bounded seeded sample of the train split (tokenizer.py) or load
+one -> tokenize, shuffle, pack, write shards (pack.py) -> manifest.json. The driver holds counts, never
+per-document state: every count is totalled per block (shuffle.group_totals), and the dropped ids stay in the
+object store. Every dropped document lands in `data/rejected/` with its reason. Everything lands in a temporary
+directory renamed to `output_dir/data` at the end, so a crashed run never leaves a half-written `data/` behind. See docs/CONTRACTS.md (`data/`) for the layout other stages read.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from raylm.data.pack import (SHARD_SCHEMAS, classification_group, group_threads,
                              write_shards)
 from raylm.data.quality import quality_summary
 from raylm.data.readers import read_source
-from raylm.data.shuffle import group_totals, grouped
+from raylm.data.shuffle import group_totals
 from raylm.data.tokenizer import build_tokenizer, special_ids
 from raylm.storage import join, list_files, read_parquet, remove_dir, resolve as resolve_storage, stage_io, task_dir, write_json_atomic
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 REJECTED_COLUMNS = ["doc_id", "source", "reason", "text"]  # + `language` when clean_batch adds it
 DOC_COLUMNS = ["doc_id", "source", "text", "label"]
-BUCKET_CHARS = 128 << 20  # text characters per bucket when drops are applied (one map_groups call each)
+REJECTED = "rejected"  # the staged documents' partition of dropped documents, beside train/val/test
 
 
 class EmptySplitError(ConfigError):
@@ -95,27 +95,22 @@ def add_chars(batch: pa.Table) -> pa.Table:
     return batch.append_column("n_chars", pc.fill_null(pc.utf8_length(batch["text"]), 0).cast(pa.int64()))
 
 
-def resolve_drops(group: pa.Table) -> pa.Table:
-    """Ray Data map_groups over one bucket of documents and dedup drop markers: each document with its dedup
-    reason (null: kept), in doc_id order."""
-    is_marker = pc.is_null(group["source"])
-    markers, docs = group.filter(is_marker), group.filter(pc.invert(is_marker))
-    idx = pc.index_in(docs["doc_id"], value_set=markers["doc_id"].combine_chunks())
-    reason = pc.take(markers["reason"], idx)
-    docs = docs.set_column(docs.column_names.index("reason"), "reason", reason).drop_columns(["bucket"])
-    return docs.take(pc.sort_indices(docs, [("doc_id", "ascending")]))
+def not_rejected(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.not_equal(batch["split"], REJECTED))
 
 
-def bucketed(batch: pa.Table, buckets: int) -> pa.Table:
-    b = [int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8).digest(), "little") % buckets for d in batch["doc_id"].to_pylist()]
-    return batch.append_column("bucket", pa.array(b, pa.int64()))
-
-
-def as_marker(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A drop marker row in the documents' schema: only doc_id and reason set (source null marks it)."""
-    n = batch.num_rows
-    cols = {f.name: (batch[f.name] if f.name in ("doc_id", "reason") else pa.nulls(n, f.type)) for f in schema}
-    return pa.table(cols, schema=schema)
+def mark_and_split(batch: pa.Table, drops, fractions: dict[str, float], seed: int) -> pa.Table:
+    """Ray Data map_batches over every cleaned document: its dedup reason looked up in the dropped (doc_id,
+    reason) table (an object-store reference, read zero-copy by each task; None: no duplicates), and its split;
+    a dropped document's split is `rejected`."""
+    reason = batch["reason"]
+    if drops is not None:
+        dropped = ray.get(drops)
+        reason = pc.coalesce(reason, pc.take(dropped["reason"], pc.index_in(batch["doc_id"], value_set=dropped["doc_id"])))
+    splits = [REJECTED if r is not None else split_of(d, fractions, seed)
+              for d, r in zip(batch["doc_id"].to_pylist(), reason.to_pylist())]
+    batch = batch.set_column(batch.column_names.index("reason"), "reason", reason)
+    return batch.append_column("split", pa.array(splits, pa.string()))
 
 
 class Progress:
@@ -199,10 +194,17 @@ def prepare(cfg: Config) -> dict:
         return _prepare(cfg)
 
 
-def write_staged(ds: ray.data.Dataset, path: str | Path) -> None:
-    """Stream `ds` to Parquet files under `path` (a local path or a URI; added to what is there)."""
+def write_staged(ds: ray.data.Dataset, path: str | Path, partition_cols: list[str] | None = None) -> None:
+    """Stream `ds` to Parquet files under `path` (a local path or a URI; added to what is there), in one
+    `<column>=<value>/` directory per value of `partition_cols` when given."""
     fs, in_fs = resolve_storage(path)
-    ds.write_parquet(in_fs, filesystem=fs)
+    ds.write_parquet(in_fs, filesystem=fs, partition_cols=partition_cols)
+
+
+def read_partition(path: str, value: str, columns: list[str] | None = None) -> ray.data.Dataset | None:
+    """The staged documents of one split (or of `rejected`); None when no document landed there."""
+    part = join(path, f"split={value}")
+    return read_parquet(part, columns, per_file=True) if list_files(part, ".parquet") else None
 
 
 def _prepare(cfg: Config) -> dict:
@@ -224,7 +226,7 @@ def _prepare(cfg: Config) -> dict:
         # -- read + clean, one streaming pass to staged Parquet
         with progress.stage("read+clean") as info:
             write_staged(cleaned_documents(d, task), stage("cleaned"))
-            staged = read_parquet(stage("cleaned"))
+            staged = read_parquet(stage("cleaned"), per_file=True)
             extra = [c for c in ("language",) if c in staged.schema().names]
             per = group_totals(staged, ["source", "reason"], {"n": (None, "count"), "chars": ("n_chars", "sum"),
                                                                **{t: (f"pii_{t}", "sum") for t in PII_TYPES}})
@@ -241,38 +243,31 @@ def _prepare(cfg: Config) -> dict:
             raise RuntimeError(f"the corpus is empty: no documents left after cleaning (dropped by reason: "
                                f"{dict(sorted(dropped.items()))})")
 
-        with progress.stage("rejected (clean)"):
-            write_staged(staged.map_batches(_dropped_rows, fn_kwargs={"extra": extra},
-                                            batch_format="pyarrow"), rejected_dir)
-
         # -- dedup over (key, doc_id) pairs; drops written as Parquet, never listed on the driver
-        dups = {"exact": 0, "near": 0, "clusters": 0, "cluster_sizes": {}}
+        dups, drops = {"exact": 0, "near": 0, "clusters": 0, "cluster_sizes": {}}, None
         kept = staged.map_batches(where("reason", None), batch_format="pyarrow")
         docs_cols = DOC_COLUMNS + extra + ["n_chars"]
         with progress.stage("dedup") as info:
             if d.clean.dedup != "none":
-                dups = find_duplicates(kept, d.clean, n_kept, join(stage("drops"), "drops.parquet"))
+                dups, drops = find_duplicates(kept, d.clean, n_kept, join(stage("drops"), "drops.parquet"))
             info.update(rows=n_kept, bytes=kept_chars)
+
+        # -- one streaming pass: apply the drops, split each kept document; staged in one directory per split
         with progress.stage("split") as info:
-            docs = kept.select_columns(docs_cols)
-            if dups["exact"] + dups["near"]:
-                buckets = max(1, -(-kept_chars // BUCKET_CHARS))
-                docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
-                schema = pa.schema(list(zip(docs.schema().names, docs.schema().types)))
-                markers = read_parquet(stage("drops"), ["doc_id", "reason"]).map_batches(
-                    as_marker, fn_kwargs={"schema": schema}, batch_format="pyarrow")
-                docs = docs.union(markers).map_batches(bucketed, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
-                docs = grouped(docs, "bucket", buckets).map_groups(resolve_drops, batch_format="pyarrow")
-            else:
-                docs = docs.map_batches(lambda t: t.append_column("reason", pa.nulls(t.num_rows, pa.string())), batch_format="pyarrow")
-            write_staged(docs.map_batches(with_split, fn_kwargs={"fractions": fractions, "seed": seed}, batch_format="pyarrow"),
-                         stage("docs"))
-            docs = read_parquet(stage("docs"))
-            write_staged(docs.map_batches(_dropped_rows, fn_kwargs={"extra": extra}, batch_format="pyarrow"), rejected_dir)
-            kept_docs = docs.map_batches(where("reason", None), batch_format="pyarrow")
+            marked = staged.select_columns(docs_cols + ["reason"]).map_batches(
+                mark_and_split, batch_format="pyarrow",
+                fn_kwargs={"drops": drops if dups["exact"] + dups["near"] else None, "fractions": fractions, "seed": seed})
+            write_staged(marked, stage("docs"), partition_cols=["split"])
+            if rejected := read_partition(stage("docs"), REJECTED, REJECTED_COLUMNS + extra):
+                write_staged(rejected, rejected_dir)
+
+            def staged_docs(columns: list[str]) -> ray.data.Dataset:  # the kept documents' `columns`, every split
+                return read_parquet(stage("docs"), columns).map_batches(not_rejected, batch_format="pyarrow")
+
             # per-document audit trail: which split each kept document went to
-            write_staged(kept_docs.select_columns(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
-            per_split = group_totals(kept_docs, ["split", "source"], {"n": (None, "count"), "chars": ("n_chars", "sum")})
+            write_staged(staged_docs(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
+            per_split = group_totals(staged_docs(["split", "source", "n_chars"]), ["split", "source"],
+                                     {"n": (None, "count"), "chars": ("n_chars", "sum")})
             info.update(rows=n_kept, bytes=kept_chars)
         split_docs = {s: sum(g["n"] for g in per_split if g["split"] == s) for s in SPLITS}
         split_chars = {s: sum(g["chars"] or 0 for g in per_split if g["split"] == s) for s in SPLITS}
@@ -285,7 +280,7 @@ def _prepare(cfg: Config) -> dict:
                                       f"({sum(split_docs.values())} kept documents); add documents or set it to 0")
         label_map = None
         if task == "classification":
-            labels = [r["label"] for r in group_totals(kept_docs, ["label"], {"n": (None, "count")})]
+            labels = [r["label"] for r in group_totals(staged_docs(["label", "split"]), ["label"], {"n": (None, "count")})]
             label_map = label_ids(labels)
 
         # -- tokenizer: a bounded, seeded sample of the train split, streamed to the trainer
@@ -293,7 +288,9 @@ def _prepare(cfg: Config) -> dict:
         with progress.stage("tokenizer") as info:
             def train_texts():
                 fraction = min(1.0, d.tokenizer.train.sample_bytes / max(1, split_chars["train"])) if d.tokenizer.train else 1.0
-                part = kept_docs.map_batches(where("split", "train"), batch_format="pyarrow")
+                part = read_partition(stage("docs"), "train", ["doc_id", "text"])
+                if part is None:
+                    return
                 part = part.map_batches(in_sample, fn_kwargs={"seed": seed, "fraction": fraction}, batch_format="pyarrow")
                 for b in part.select_columns(["text"]).iter_batches(batch_format="pyarrow", batch_size=256):
                     for text in b["text"].to_pylist():
@@ -308,7 +305,7 @@ def _prepare(cfg: Config) -> dict:
         splits = {}
         for split in SPLITS:
             with progress.stage(f"tokenize+pack {split}") as info:
-                part = kept_docs.map_batches(where("split", split), batch_format="pyarrow").select_columns(["doc_id", "text", "label"])
+                part = read_partition(stage("docs"), split, ["doc_id", "text", "label"])
                 groups = num_groups(split_chars[split])
                 if task == "classification":
                     rows = shuffled_rows(part, seed, groups, classification_group,
@@ -317,7 +314,7 @@ def _prepare(cfg: Config) -> dict:
                     rows = shuffled_rows(part, seed, groups, pack_group, {"tokenizer": tok, "task": task,
                                          "block_size": block, "threads": group_threads(groups)})
                 out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
-                shards = write_shards(rows, out, split, d.shards_per_split) if split_docs[split] else []
+                shards = write_shards(rows, out, split, d.shards_per_split) if part is not None else []
                 fs, path = resolve_storage(out)
                 n_rows = 0 if not shards else sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
                 if fractions[split] > 0 and not n_rows:
@@ -378,12 +375,6 @@ def _prepare(cfg: Config) -> dict:
           f"({sum(manifest['dropped'].values()):,} dropped, {dups['exact'] + dups['near']:,} duplicates); "
           f"tokens {per_split_tokens}; {manifest['wall_time_s']:.1f}s -> {final_dir}", flush=True)
     return manifest
-
-
-def _dropped_rows(batch: pa.Table, extra: list[str]) -> pa.Table:
-    """data/rejected/ rows: the dropped documents of a batch, with their reason."""
-    t = batch.filter(pc.is_valid(batch["reason"]))
-    return t.select(REJECTED_COLUMNS + extra)
 
 
 def _mask_tokens(t: pa.Table) -> pa.Table:

@@ -7,7 +7,8 @@ yields star edges member -> smallest member: documents sharing a key are candida
 `MinHashLSH` (no extra similarity filter). Clusters are the connected components of those edges, computed in
 one Ray task over the edge list (never on the driver); each cluster keeps its smallest `doc_id`. The dropped
 documents (`doc_id`, `reason` exact_duplicate | near_duplicate, `cluster_root`, `cluster_size`) are written to
-Parquet for the pipeline to apply; only counts and the cluster-size histogram come back to the driver.
+Parquet, and stay in the object store as one table for the pipeline to apply (no bigger than what the
+union-find task already holds); only counts and the cluster-size histogram come back to the driver.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def bucket_edges(group: pa.Table) -> pa.Table:
                      "exact": pc.starts_with(joined["key"], EXACT_PREFIX)})
 
 
-@ray.remote
-def connected_components(edge_refs: list, out_path: str) -> dict:
+@ray.remote(num_returns=2)
+def connected_components(edge_refs: list, out_path: str) -> tuple[dict, pa.Table]:
     """Union-find over every edge in one task; writes the dropped documents to `out_path` (Parquet) and returns
-    counts and the cluster-size histogram (clusters of 2+ documents)."""
+    counts with the cluster-size histogram (clusters of 2+ documents), and the dropped (doc_id, reason) table."""
     edges = [t for t in ray.get(edge_refs) if t.num_rows]
     parent: dict[str, str] = {}
     exact: set[str] = set()
@@ -127,21 +128,24 @@ def connected_components(edge_refs: list, out_path: str) -> dict:
     for size in sizes.values():
         hist[size] = hist.get(size, 0) + 1
     n_exact = sum(1 for x in dropped if x in exact)
-    return {"exact": n_exact, "near": len(dropped) - n_exact, "clusters": len(sizes),
-            "cluster_sizes": {str(k): v for k, v in sorted(hist.items())}}
+    return ({"exact": n_exact, "near": len(dropped) - n_exact, "clusters": len(sizes),
+             "cluster_sizes": {str(k): v for k, v in sorted(hist.items())}}, table.select(["doc_id", "reason"]))
 
 
-def find_duplicates(kept: ray.data.Dataset, cfg: Clean, n_docs: int, out_path: str | Path) -> dict:
+def find_duplicates(kept: ray.data.Dataset, cfg: Clean, n_docs: int, out_path: str | Path) -> tuple[dict, ray.ObjectRef]:
     """Exact (and, for `dedup: near`, near) duplicates among `kept` (columns doc_id, text, exact_key); the
-    dropped documents land in `out_path`; returns counts and the cluster-size histogram."""
+    dropped documents land in `out_path`. Returns counts with the cluster-size histogram, and a reference to the
+    dropped (doc_id, reason) table in the object store (sorted by doc_id; never fetched by the driver)."""
     near = cfg.dedup == "near"
     pairs_per_doc = 1 + (lsh_params(cfg)[0] if near else 0)
     buckets = max(1, -(-n_docs * pairs_per_doc // PAIRS_PER_BUCKET))
-    # 1,024 docs a batch, not 64: per-batch cost and driver bookkeeping should not scale with the document count
+    # a whole block a call: a batch size keeps the read from fusing with this map (then it runs on its own share of
+    # the CPU budget); per-call cost and driver bookkeeping do not scale with the document count
     pairs = kept.select_columns(["doc_id", "text", "exact_key"]).map_batches(
-        pair_keys, fn_kwargs={"cfg": cfg, "near": near, "buckets": buckets}, batch_format="pyarrow", batch_size=1024)
+        pair_keys, fn_kwargs={"cfg": cfg, "near": near, "buckets": buckets}, batch_format="pyarrow", batch_size=None)
     edges = grouped(pairs, "bucket", buckets).map_groups(bucket_edges, batch_format="pyarrow")
-    return ray.get(connected_components.remote(edges.to_arrow_refs(), str(out_path)))
+    counts, drops = connected_components.remote(edges.to_arrow_refs(), str(out_path))
+    return ray.get(counts), drops
 
 
 def reference_duplicates(docs: list[tuple[str, str]], cfg: Clean) -> set[str]:

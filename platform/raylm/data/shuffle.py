@@ -1,6 +1,6 @@
 """Grouping in prepare. Counts (per source, reason, split, label, quality rule) go through `group_totals`: each
 block is totalled in its own task and the driver adds up the few rows per block as they stream in, with no shuffle.
-Groupings that must bring rows together (dedup buckets, drop buckets) go through `grouped`, which first combines
+Groupings that must bring rows together (dedup buckets) go through `grouped`, which first combines
 the dataset's blocks (the pack shuffle is a sort with one partition per group instead: `pack.shuffled_rows`).
 
 prepare runs Ray Data's sort shuffle (`prepare_context`), and a sort splits every input block into one piece per
@@ -8,7 +8,7 @@ output block, as many outputs as inputs: N blocks in make N² objects, each owne
 in its memory). read_parquet splits the few staged files into ~200 blocks, so at 208 MB the shuffles cost ~70 s
 each and grew the driver's private memory from 354 to 731 MB (bench prepare-scaling, 1x vs 4x). Combining first
 (`repartition(n)`: adjacent blocks concatenated, no shuffle) makes it n² with n sized from the data (dedup
-buckets, drop buckets). Counts skip the shuffle altogether: Ray Data's groupby-aggregate over the 231 staged blocks of a 4x
+buckets). Counts skip the shuffle altogether: Ray Data's groupby-aggregate over the 231 staged blocks of a 4x
 corpus grew the driver's private memory by 150 MB (302 -> 462 MB, bench prepare-scaling, 12-06).
 """
 
