@@ -56,7 +56,7 @@ Item = tuple[int, str | None, str | None, str | None]
 PerTable = Callable[[pa.Table], pa.Table]
 CHUNK_BYTES = 64 << 20  # line-based files are read in ranges of at most this many bytes, in parallel ...
 MIN_CHUNK_BYTES = 1 << 20  # ... and of at least this many, sized to give every CPU of the cluster several ranges
-RANGES_PER_CPU = 4
+RANGES_PER_CPU = 8
 BATCH_DOCS = 512  # documents per emitted table
 BATCH_CHARS = 16 << 20  # ... or this many characters, whichever comes first
 
