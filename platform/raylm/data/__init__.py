@@ -308,13 +308,13 @@ def _prepare(cfg: Config) -> dict:
                 part = read_partition(stage("docs"), split, ["doc_id", "text", "label"])
                 groups = num_groups(split_chars[split])
                 if task == "classification":
-                    rows = shuffled_rows(part, seed, groups, classification_group,
-                                         {"tokenizer": tok, "block_size": block, "label_map": label_map})
+                    layout, layout_kwargs = classification_group, {"tokenizer": tok, "block_size": block, "label_map": label_map}
                 else:
-                    rows = shuffled_rows(part, seed, groups, pack_group, {"tokenizer": tok, "task": task,
-                                         "block_size": block, "threads": group_threads(groups)})
+                    layout, layout_kwargs = pack_group, {"tokenizer": tok, "task": task, "block_size": block,
+                                                         "threads": group_threads(groups)}
                 out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
-                shards = write_shards(rows, out, split, d.shards_per_split) if part is not None else []
+                shards = [] if part is None else write_shards(shuffled_rows(part, seed, groups, layout, layout_kwargs),
+                                                              out, split, d.shards_per_split)
                 fs, path = resolve_storage(out)
                 n_rows = 0 if not shards else sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
                 if fractions[split] > 0 and not n_rows:
