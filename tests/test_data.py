@@ -153,6 +153,12 @@ def test_cleaning_counts_every_drop_and_near_dedup(ray_session, tmp_path):
     rejected = pq.read_table(cfg.path("data", "rejected"))
     assert rejected.num_rows == sum(m["dropped"].values())  # every dropped document, with its reason
     assert sorted(set(rejected["reason"].to_pylist())) == sorted(m["dropped"])
+    duplicates = [r for r in rejected.to_pylist() if r["reason"].endswith("_duplicate")]
+    assert len(duplicates) == 16 and all(r["text"] for r in duplicates)  # a duplicate's text is kept for review
+    # the audit trail: each kept document once, in the split a seeded hash of its id gives, never a dropped one
+    docs = pq.read_table(cfg.path("data", "documents.parquet")).to_pydict()
+    assert docs["split"] == [split_of(d, cfg.data.split.model_dump(), cfg.seed) for d in docs["doc_id"]]
+    assert len(set(docs["doc_id"])) == m["documents_kept"] and not set(docs["doc_id"]) & set(rejected["doc_id"].to_pylist())
     assert m["duplicates"]["cluster_sizes"] and set(m["stages_s"]) >= {"read+clean", "dedup", "tokenizer"}
 
     def shards(c):
