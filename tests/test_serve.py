@@ -185,34 +185,3 @@ def test_autoscaling_rises_under_load_and_returns(served, tiny_gpt2_no_chat_dir)
         print(f"autoscaling: peak replicas {peak}")
     finally:
         ray_serve.delete("scaled")
-
-
-@pytest.mark.timeout(120)
-def test_a_plain_completion_gets_its_events_in_one_hand_over_a_stream_token_by_token(tiny_gpt2_dir):
-    """The engine thread wakes a request's event loop per token only for a reader of tokens as they come (a stream,
-    or stop sequences to find): a plain completion's events reach its loop in one hand-over at the end, the same
-    events. Each wake-up costs the replica's loop and the engine thread a GIL hand-off (bench serve, 1 client)."""
-    import asyncio
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raylm.serve.engine import GenerationEngine, Sequence
-
-    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
-    engine = GenerationEngine(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval(), tok, None, 4, "cpu")
-
-    async def generate(per_token: bool) -> tuple[list[dict], int]:
-        loop, queue, hand_overs = asyncio.get_running_loop(), asyncio.Queue(), []
-        real = loop.call_soon_threadsafe
-        loop.call_soon_threadsafe = lambda *a: hand_overs.append(a) or real(*a)  # what the engine thread calls
-        engine.submit(Sequence(tok("def add(a, b):")["input_ids"], 12, 0.0, 1.0, None, None, False, loop, queue,
-                               per_token=per_token))
-        events = [await queue.get()]
-        while "done" not in events[-1]:
-            events.append(await queue.get())
-        return events, len(hand_overs)
-
-    streamed, stream_hand_overs = asyncio.run(generate(per_token=True))
-    whole, whole_hand_overs = asyncio.run(generate(per_token=False))
-    assert whole == streamed and sum("token" in e for e in whole) == 12  # greedy: the same tokens, texts, end
-    assert stream_hand_overs == len(streamed) and whole_hand_overs == 1

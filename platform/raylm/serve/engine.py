@@ -36,10 +36,6 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     index: int = 0  # the choice's index in its request; every event carries it
-    # False: the engine thread holds the events and hands them over once, when the sequence ends (a non-streamed
-    # request without stop sequences reads nothing before then: no event-loop wakeup per token)
-    per_token: bool = True
-    held: list[dict] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -47,15 +43,7 @@ class Sequence:
     generator: torch.Generator | None = None
 
     def emit(self, event: dict) -> None:
-        self.held.append({**event, "index": self.index})
-        if self.per_token or "done" in event or "error" in event:
-            events, self.held = self.held, []
-            self.loop.call_soon_threadsafe(_put_all, self.events, events)
-
-
-def _put_all(queue: asyncio.Queue, events: list[dict]) -> None:
-    for event in events:
-        queue.put_nowait(event)
+        self.loop.call_soon_threadsafe(self.events.put_nowait, {**event, "index": self.index})
 
 
 class GenerationEngine:

@@ -173,7 +173,7 @@ class ModelServer:
         self.metrics.batch_size(kind, n)
 
     # ---------------------------------------------------------------------------------- generation
-    def _sequences(self, req: dict, queue: asyncio.Queue, per_token: bool) -> list[Sequence]:
+    def _sequences(self, req: dict, queue: asyncio.Queue) -> list[Sequence]:
         """One engine sequence per (prompt, choice); a seeded request's choices get seeds seed, seed+1, ..."""
         loop = asyncio.get_running_loop()
         encoded = self.tokenizer(req["prompts"], add_special_tokens=req.get("add_special_tokens", True))["input_ids"]
@@ -183,18 +183,16 @@ class ModelServer:
                 index = p_i * req["n"] + j
                 seed = None if req.get("seed") is None else req["seed"] + index
                 seqs.append(Sequence(list(ids), req["max_tokens"], req["temperature"], req["top_p"], seed,
-                                     req.get("top_logprobs"), bool(req.get("echo")), loop, queue, index=index,
-                                     per_token=per_token))
+                                     req.get("top_logprobs"), bool(req.get("echo")), loop, queue, index=index))
         return seqs
 
-    async def generate(self, req: dict, per_token: bool = True) -> AsyncIterator[dict]:
+    async def generate(self, req: dict) -> AsyncIterator[dict]:
         """Per-choice deltas `{index, text, logprobs}`, then `{index, finish_reason, prompt_tokens, completion_tokens}`.
 
         Text that could still become a stop sequence is held back; events that queued up while this consumer was
-        busy go out as one delta (fewer, larger chunks under load). `per_token` False: each choice's events arrive
-        at its end, in one delta."""
+        busy go out as one delta (fewer, larger chunks under load)."""
         queue: asyncio.Queue = asyncio.Queue()
-        seqs = self._sequences(req, queue, per_token)
+        seqs = self._sequences(req, queue)
         states = [ChoiceState(s, req["stop"]) for s in seqs]
         for s in seqs:
             self.engine.submit(s)
@@ -225,8 +223,7 @@ class ModelServer:
     async def complete(self, req: dict) -> list[dict]:
         """The whole answer: per choice its text, logprob entries, finish reason and token counts."""
         choices: dict[int, dict] = {}
-        # stop sequences are found as tokens arrive (to end the sequence there); otherwise nothing is read until the end
-        async for ev in self.generate(req, per_token=bool(req["stop"])):
+        async for ev in self.generate(req):
             c = choices.setdefault(ev["index"], {"index": ev["index"], "text": "", "logprobs": []})
             c["text"] += ev.get("text", "")
             c["logprobs"] += ev.get("logprobs", [])
