@@ -45,9 +45,12 @@ TOTALS: dict[str, tuple[str, Callable[[Any, Any], Any]]] = {"count": ("count_all
 
 
 def _block_totals(block: pa.Table, keys: list[str], totals: dict[str, tuple[str | None, str]]) -> pa.Table:
-    specs = [([], "count_all") if how == "count" else (column, TOTALS[how][0]) for column, how in totals.values()]
+    specs, names = [], []  # pyarrow's aggregations and the names of their output columns
+    for column, how in totals.values():
+        function = TOTALS[how][0]
+        specs.append(([], function) if column is None else (column, function))
+        names.append(function if column is None else f"{column}_{function}")
     out = block.select(list(dict.fromkeys(keys + [c for c, _ in totals.values() if c]))).group_by(keys).aggregate(specs)
-    names = ["count_all" if how == "count" else f"{column}_{TOTALS[how][0]}" for column, how in totals.values()]
     return pa.table([out[k] for k in keys] + [out[n] for n in names], names=keys + list(totals))
 
 
