@@ -74,7 +74,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, shuf
     ctx = ray.data.DataContext.get_current()
     saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # chosen when read_parquet is called
     try:
-        files = {"override_num_blocks": max(1, count_files(path, ".parquet"))} if per_file else {}
+        files = {"override_num_blocks": max(1, len(list_files(path, ".parquet", recursive=True)))} if per_file else {}
         return ray.data.read_parquet(in_fs, filesystem=fs, columns=columns, shuffle=shuffle, **files)
     finally:
         ctx.use_datasource_v2 = saved
@@ -143,24 +143,15 @@ def exists(path: str | os.PathLike) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
-    """Paths (inside the URI's filesystem) of the files directly under `uri` ending in `suffix`, sorted."""
+def list_files(uri: str | os.PathLike, suffix: str = "", recursive: bool = False) -> list[str]:
+    """Paths (inside the URI's filesystem) of the files directly under `uri` (at any depth: `recursive`) ending in
+    `suffix`, sorted."""
     import pyarrow.fs as pafs
 
     fs, p = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=recursive))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                   and not i.base_name.startswith("."))
-
-
-def count_files(uri: str | os.PathLike, suffix: str = "") -> int:
-    """How many files under `uri`, at any depth, end in `suffix` (hidden ones not counted)."""
-    import pyarrow.fs as pafs
-
-    fs, p = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True))
-    return sum(1 for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
-               and not i.base_name.startswith("."))
 
 
 # ------------------------------------------------------------------------------------------ directories

@@ -6,7 +6,8 @@ one for the dropped -> train the tokenizer on a bounded seeded sample of the tra
 one -> tokenize, shuffle, pack, write shards (pack.py) -> manifest.json. The driver holds counts, never
 per-document state: every count is totalled per block (shuffle.group_totals), and the dropped ids stay in the
 object store. Every dropped document lands in `data/rejected/` with its reason. Everything lands in a temporary
-directory renamed to `output_dir/data` at the end, so a crashed run never leaves a half-written `data/` behind. See docs/CONTRACTS.md (`data/`) for the layout other stages read.
+directory renamed to `output_dir/data` at the end, so a crashed run never leaves a half-written `data/` behind.
+See docs/CONTRACTS.md (`data/`) for the layout other stages read.
 """
 
 from __future__ import annotations
@@ -60,11 +61,6 @@ def split_of(doc_id: str, fractions: dict[str, float], seed: int) -> str:
     """A document's split from a seeded hash of its id alone: stable, streaming, independent of read order."""
     u = unit_hash(f"{seed}:split:{doc_id}")
     return "train" if u < fractions["train"] else "val" if u < fractions["train"] + fractions["val"] else "test"
-
-
-def with_split(batch: pa.Table, fractions: dict[str, float], seed: int) -> pa.Table:
-    splits = [split_of(d, fractions, seed) for d in batch["doc_id"].to_pylist()]
-    return batch.append_column("split", pa.array(splits, pa.string()))
 
 
 def in_sample(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
