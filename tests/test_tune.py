@@ -177,3 +177,51 @@ def test_asha_max_t_counts_every_evaluation(tmp_path, steps, eval_every, checkpo
     cfg = load_config(None, [f"train.max_steps={steps}", f"train.eval_every={eval_every}",
                              f"train.checkpoint_every={checkpoint_every}"])
     assert evaluations_per_run(cfg) == expected
+
+
+@pytest.mark.timeout(120)
+def test_orphaned_placement_groups_are_only_those_no_live_run_owns(ray_session):
+    """What the tune driver removes before a search and after each ended trial: a group whose creator (a Train
+    controller) is dead, never one a live driver or actor holds, nor a detached one another job left on purpose."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raylm.tune import orphaned_placement_groups
+
+    ray = ray_session
+    mine = placement_group([{"CPU": 0.01}])  # this driver's own: its job lives
+    ray.get(mine.ready(), timeout=30)
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # stands in for a Train controller: it creates its worker group's placement group
+        def start(self):
+            from ray.util.placement_group import placement_group
+
+            return placement_group([{"CPU": 0.01}]).id.hex()
+
+    controller = Controller.remote()
+    controller_id = controller._actor_id.hex()
+    left = ray.get(controller.start.remote())
+    ray.kill(controller)  # as Tune stopping a trial kills its controller; the group's job (this driver) lives on
+    deadline = time.time() + 30
+    while orphaned_placement_groups(frozenset([controller_id])) != [left] and time.time() < deadline:
+        time.sleep(0.5)
+    assert orphaned_placement_groups(frozenset([controller_id])) == [left]
+    # Ray keeps it (its job lives), and with no dead controller named it is no orphan: a live job may still use it
+    assert ray.util.placement_group_table()[left]["state"] != "REMOVED"
+    assert left not in orphaned_placement_groups() and mine.id.hex() not in orphaned_placement_groups()
+
+    # a detached group another driver left on purpose, its job ended: not an orphan
+    code = ("import ray; from ray.util.placement_group import placement_group; ray.init(address='auto'); "
+            "pg = placement_group([{'CPU': 0.01}], lifetime='detached'); ray.get(pg.ready()); print(pg.id.hex())")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    detached = out.stdout.split()[-1]
+    try:
+        assert detached not in orphaned_placement_groups()
+    finally:
+        from ray.util.placement_group import PlacementGroup
+
+        for pg in (mine, PlacementGroup(ray.PlacementGroupID(bytes.fromhex(detached))),
+                   PlacementGroup(ray.PlacementGroupID(bytes.fromhex(left)))):
+            remove_placement_group(pg)

@@ -151,6 +151,9 @@ def run_trial(values: dict[str, Any], base: dict) -> None:
 # with no dashboard it retries forever). Then nothing removes the group: the next trials wait for its CPUs forever.
 # So each trial's Train controller records its placement groups (RecordTrainRun), and the Tune driver removes them
 # once the trial's controller is dead per the GCS actor table (ReleaseFinishedTrials), before it schedules more work.
+# Even a job's end does not free a group whose registration reached the GCS after its creator's death (the GCS marks
+# creators dead only in groups registered by then): an interrupted search left one, and its resume waited forever.
+# So a search first removes such orphans (orphaned_placement_groups).
 KV_NAMESPACE = "raylm_tune"
 WAIT_REPORT_S = 120.0  # a running trial without a result for this long is reported with what it waits for
 
@@ -218,6 +221,38 @@ def release_placement_groups(pg_ids: list[str]) -> list[str]:
     return removed
 
 
+def orphaned_placement_groups(dead_creators: frozenset[str] = frozenset()) -> list[str]:
+    """Ids of placement groups that still hold (or wait for) resources although Ray's own lifetime rule says they
+    are over: not detached, creator actor dead and creator job ended; or created by one of `dead_creators` (the dead
+    Train controllers of this driver's ended trials). Why they exist: the GCS marks a group's creator dead only for
+    groups registered before the death, so a group whose registration was in flight when its controller was killed
+    (a trial stopped, or a search interrupted, while its worker group started) is never removed."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    ended_jobs = {j["JobID"] for j in state.job_table() if j["IsDead"]}
+    nil_actor = ray.ActorID.nil().binary()
+    orphans = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():  # noqa: SLF001 - raw rows carry the creator
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
+            continue
+        creator = pg.creator_actor_id.hex() if pg.creator_actor_id != nil_actor else None
+        if (creator is not None and creator in dead_creators) or (
+                pg.creator_job_id.hex() in ended_jobs and actor_dead(creator)):
+            orphans.append(pg.placement_group_id.hex())
+    return orphans
+
+
+def release_orphaned_placement_groups(why: str) -> list[str]:
+    removed = release_placement_groups(orphaned_placement_groups())
+    if removed:
+        log.warning("tune: removed %d placement group(s) that ended runs left holding resources (%s): %s",
+                    len(removed), why, removed)
+    return removed
+
+
 def _tune_callback_base() -> type:
     from ray.tune import Callback
 
@@ -270,7 +305,9 @@ class ReleaseFinishedTrials(_tune_callback_base()):
                     log.warning("tune: trial %s ended %.0f s ago but its Train controller %s is still alive",
                                 trial_id, WAIT_REPORT_S, record["controller"])
                 continue
-            removed = release_placement_groups(record["placement_groups"])
+            # the recorded groups, and any this controller created whose start it did not live to record
+            created = orphaned_placement_groups(frozenset([record["controller"]]))
+            removed = release_placement_groups(list(dict.fromkeys(record["placement_groups"] + created)))
             if removed:
                 log.info("tune: released %d placement group(s) trial %s's Train run left behind: %s",
                          len(removed), trial_id, removed)
@@ -322,6 +359,7 @@ def make_tuner(cfg: Config):
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json")),
                                     {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
+    release_orphaned_placement_groups("before the search")  # e.g. an interrupted search's, which would starve this one
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log.info("tune: resuming the experiment at %s", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs), path
