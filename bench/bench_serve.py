@@ -6,7 +6,8 @@
 Both servers answer the same `POST /v1/completions` (greedy, max_tokens 16, the same prompt) from the same model
 (a random-weight GPT-2, 4 layers, d 256, with a BPE trained by raylm's own `train_tokenizer`), with the same torch
 thread count, each on a free loopback port. The baseline runs `model.generate` in FastAPI's thread pool, the way a
-bare FastAPI user would; Serve runs raylm's ingress + model deployment. Clients: asyncio + httpx in this driver,
+bare FastAPI user would; Serve runs raylm's app as configured by default (the model replica serves the HTTP API
+itself; `--ingress-replicas 1` puts an ingress deployment in front, one hop more). Clients: asyncio + httpx in this driver,
 1 and 16 at a time, interleaved A/B/B/A rounds. A no-op route (`GET /v1/models`) is measured separately.
 Correctness first: both return the same text for the request.
 Targets: added p50 <= 5 ms at 1 client; req/s >= 0.8x at 16 clients (the model's own time per request is printed:
@@ -197,6 +198,7 @@ def main() -> None:
     ap.add_argument("--baseline-server", nargs=3, metavar=("PORT", "MODEL", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--requests", type=int, default=200, help="requests per measurement at 16 clients")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--ingress-replicas", type=int, default=0, help="serve.ingress_replicas of the raylm arm")
     args = ap.parse_args()
     if args.baseline_server:
         port, lm, threads = args.baseline_server
@@ -215,7 +217,7 @@ def main() -> None:
         private_ray()
         ray_init_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        b_url = deploy("bench-serve", lm, free_port())
+        b_url = deploy("bench-serve", lm, free_port(), ingress_replicas=args.ingress_replicas)
         serve_start_s = time.perf_counter() - t0
 
         same = [httpx.post(u + "/v1/completions", json=COMPLETION, timeout=60).json()["choices"][0]["text"]
@@ -246,7 +248,7 @@ def main() -> None:
     res.passed = correct and ratio >= 0.8 and statistics.median(added) <= 5.0
     res.a = f"{med('A', 'c16', 'req_s'):.1f}req/s,p50(1c)={med('A', 'c1', 'p50_ms'):.1f}ms"
     res.b = f"{med('B', 'c16', 'req_s'):.1f}req/s,p50(1c)={med('B', 'c1', 'p50_ms'):.1f}ms"
-    res.details = {"model_time_ms": model_ms, "same_text": correct, "texts": same, "ratio_req_s_16": spread(rps16),
+    res.details = {"ingress_replicas": args.ingress_replicas, "model_time_ms": model_ms, "same_text": correct, "texts": same, "ratio_req_s_16": spread(rps16),
                    "per_round_ratio": rps16, "added_p50_ms_1client": spread(added),
                    "added_p50_ms_noop": spread(added_noop), "baseline_start_s": a_start, "ray_init_s": ray_init_s,
                    "serve_start_s": serve_start_s, "threads": THREADS, "runs": runs}

@@ -31,6 +31,9 @@ def test_completions_greedy_stop_n_and_sse_stream(served):
     assert health["status"] == "ok" and health["model"] == "tinygpt" and health["task"] == "causal_lm"
     assert httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"][0]["id"] == "tinygpt"
     assert "/v1/completions" in httpx.get(f"{url}/openapi.json", headers=AUTH).json()["paths"]
+    from ray import serve as ray_serve  # the default: each model replica serves the HTTP API itself (one hop)
+
+    assert set(ray_serve.status().applications["tinygpt"].deployments) == {"ModelServer"}
 
     body = {"model": "tinygpt", "prompt": "def add", "max_tokens": 20, "temperature": 0}
     a, b = post(f"{url}/v1/completions", body).json(), post(f"{url}/v1/completions", body).json()
@@ -155,10 +158,11 @@ def test_autoscaling_rises_under_load_and_returns(served, tiny_gpt2_no_chat_dir)
     cfg = make_cfg("scaled", served["port"], "/scaled",
                    autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2},
-                   max_batch_size=1)
+                   max_batch_size=1, ingress_replicas=1)  # the other topology: an ingress deployment in front
     url = serve(cfg, model_dir=tiny_gpt2_no_chat_dir, blocking=False)
     try:
         assert replicas("scaled") == 1
+        assert set(ray_serve.status().applications["scaled"].deployments) == {"Ingress", "ModelServer"}
         # a causal LM without a chat template: chat is refused with a 400 that names what is missing
         err = assert_error(httpx.post(f"{url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}]}, timeout=60), 400)

@@ -468,7 +468,10 @@ class ServeCfg(Strict):
                                                         "because prompts can hold personal data or secrets")
     request_timeout_s: float = Field(120.0, gt=0, description="server-side limit on one HTTP request (Serve's "
                                                               "request_timeout_s): no request hangs on a stuck replica")
-    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (FastAPI) deployment")
+    ingress_replicas: int = Field(0, ge=0, description="0: the HTTP API (FastAPI) runs in each model replica, one "
+                                                       "hop per request, and scales with it; N: a separate ingress "
+                                                       "deployment of N replicas in front of the model replicas "
+                                                       "(keeps HTTP and tokenizing off GPU replicas)")
 
     @model_validator(mode="after")
     def _exposed_needs_key(self) -> "ServeCfg":

@@ -1,5 +1,5 @@
-"""The HTTP ingress: a FastAPI app (OpenAI-compatible completions, chat, embeddings; classify, fill-mask) in front
-of ModelServer.
+"""The HTTP API: a FastAPI app (OpenAI-compatible completions, chat, embeddings; classify, fill-mask) in front of
+ModelServer, in each model replica (`ModelServerWithApi`, the default) or as its own deployment (`Ingress`).
 
 Every client mistake becomes a 4xx `{"error": {"message", "type"}}`; limits, auth and the body-size cap are
 checked here so the model replicas only ever see valid work.
@@ -27,7 +27,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from raylm.serve.engine import MAX_TOP_LOGPROBS
-from raylm.serve.model import ENCODER_TASKS, context_length, load_tokenizer, model_task
+from raylm.serve.model import ENCODER_TASKS, InProcessModel, ModelServer, context_length, load_tokenizer, model_task
 
 log = logging.getLogger("ray.serve")
 
@@ -308,10 +308,9 @@ def validation_message(exc: RequestValidationError) -> str:
 
 
 # ------------------------------------------------------------------------------------------ ingress
-@serve.deployment
-@serve.ingress()
-class Ingress:
-    """Validates, authenticates and routes HTTP requests to the model deployment's handle."""
+class HttpApi:
+    """Validates, authenticates and routes HTTP requests to `model`: the model deployment's handle, or a ModelServer
+    in this replica behind the same calls (`InProcessModel`)."""
 
     def __init__(self, model, name: str, model_dir: str, task: str | None = None, max_prompt_tokens: int = 1024,
                  max_new_tokens: int = 256, max_request_bytes: int = 1_000_000, api_key_sha256: str | None = None,
@@ -405,7 +404,23 @@ class Ingress:
                 "total_tokens": prompt_tokens + completion_tokens}
 
 
-def build_api(ingress: Ingress) -> FastAPI:
+@serve.deployment
+@serve.ingress()
+class Ingress(HttpApi):
+    """The HTTP API as its own deployment (`serve.ingress_replicas` >= 1), in front of the model deployment."""
+
+
+@serve.deployment(name="ModelServer")
+@serve.ingress()
+class ModelServerWithApi(HttpApi):
+    """The HTTP API inside each model replica (`serve.ingress_replicas: 0`): a request takes one hop (proxy to
+    replica), not two, and the API scales with the model's autoscaling."""
+
+    def __init__(self, model_args: dict, **api_args):
+        super().__init__(InProcessModel(ModelServer.func_or_class(**model_args)), **api_args)
+
+
+def build_api(ingress: HttpApi) -> FastAPI:
     """The FastAPI app of one ingress replica (built on the replica, so it closes over its settings)."""
     app = FastAPI(title="raylm", description=f"Serving {ingress.name} ({ingress.task}) on Ray Serve",
                   version="0.1.0")
@@ -577,7 +592,7 @@ class ChatChunks:
         return {"index": ev["index"], "delta": {}, "logprobs": None, "finish_reason": ev["finish_reason"]}
 
 
-async def sse_events(ingress: Ingress, job: dict, meta: dict, include_usage: bool, chunks):
+async def sse_events(ingress: HttpApi, job: dict, meta: dict, include_usage: bool, chunks):
     """OpenAI-style server-sent events: one `data: {chunk}` per delta, a finish chunk per choice, then `[DONE]`."""
 
     def event(payload: dict) -> str:

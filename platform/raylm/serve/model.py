@@ -11,6 +11,7 @@ Requests arrive as plain dicts already validated by the ingress (`raylm.serve.ap
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 from collections import Counter
@@ -325,3 +326,31 @@ class ModelServer:
 
     async def embed(self, req: dict) -> dict:
         return await self.embed_batch(req)
+
+
+class InProcessModel:
+    """A ModelServer in this process behind the calls the HTTP API makes on a deployment handle
+    (`.options(stream=True).stream.remote(...)`, `await .complete.remote(...)`): one API, with or without a hop."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def options(self, **_) -> "InProcessModel":
+        return self
+
+    def __getattr__(self, method: str) -> "InProcessMethod":
+        return InProcessMethod(getattr(self.server, method))
+
+
+class InProcessMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        return out if inspect.isawaitable(out) or inspect.isasyncgen(out) else _resolved(out)
+
+
+async def _resolved(value):
+    return value
+
