@@ -245,11 +245,11 @@ def orphaned_placement_groups(dead_creators: frozenset[str] = frozenset()) -> li
     return orphans
 
 
-def release_orphaned_placement_groups(why: str) -> list[str]:
+def release_orphaned_placement_groups() -> list[str]:
     removed = release_placement_groups(orphaned_placement_groups())
     if removed:
-        log.warning("tune: removed %d placement group(s) that ended runs left holding resources (%s): %s",
-                    len(removed), why, removed)
+        log.warning("tune: removed %d placement group(s) that ended runs left holding resources: %s",
+                    len(removed), removed)
     return removed
 
 
@@ -359,7 +359,7 @@ def make_tuner(cfg: Config):
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.model_dump(mode="json")),
                                     {"cpu": TRIAL_CPU})
     path = f"{storage}/{name}"
-    release_orphaned_placement_groups("before the search")  # e.g. an interrupted search's, which would starve this one
+    release_orphaned_placement_groups()  # before the search: e.g. an interrupted search's, which would starve this one
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log.info("tune: resuming the experiment at %s", path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs), path

@@ -353,4 +353,3 @@ class InProcessMethod:
 
 async def _resolved(value):
     return value
-
