@@ -121,6 +121,9 @@ def test_interrupted_search_resumes_and_releases_every_trial_group(tmp_path, ray
     assert first.returncode == 130, err[-2000:]
     assert re.search(r"interrupted after \d of 4 trials; rerun the same command to resume", err), err[-2000:]
     assert not (tmp_path / "tune" / "best.json").exists() and not (tmp_path / "model" / "training_summary.json").exists()
+    # ASHA's rungs are kept for the resume (Tune restores the searcher, not the scheduler): resumed trials are judged
+    # against the finished ones, not only against each other
+    assert len(list((tmp_path / "tune").glob("*/raylm-scheduler.pkl"))) == 1
 
     try:
         second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -378,6 +378,29 @@ def make_tuner(cfg: Config):
     return tuner, path
 
 
+SCHEDULER_STATE = "raylm-scheduler.pkl"  # in the experiment dir, beside Tune's own state
+
+
+def scheduler_state(tuner, fs, path: str, save: bool) -> None:
+    """Saves (at an interrupt) or restores (before a resumed fit) ASHA's rungs, the results each trial reached them
+    with: `Tuner.restore` brings back the searcher but a fresh scheduler, which would judge the resumed trials only
+    against each other."""
+    import pickle
+
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    scheduler = tuner._local_tuner._tune_config.scheduler  # noqa: SLF001 - the object the search runs with
+    if not isinstance(scheduler, AsyncHyperBandScheduler):
+        return
+    stored = f"{path}/{SCHEDULER_STATE}"
+    if save:
+        with fs.open_output_stream(stored) as out:
+            out.write(pickle.dumps(scheduler._brackets))  # noqa: SLF001 - the rungs; metric and mode come from the config
+    elif fs.get_file_info(stored).is_file:
+        with fs.open_input_stream(stored) as src:
+            scheduler._brackets = pickle.loads(src.read())  # noqa: SLF001
+
+
 def trial_status(result, evaluations: int, max_t: int) -> str:
     """finished: ran to the end (or stopped by training's own early stopping); stopped_early: by the scheduler."""
     if result.error is not None:
@@ -444,12 +467,15 @@ def tune(cfg: Config) -> dict:
     manifest = check_inputs(cfg)
     start = time.time()
     tuner, path = make_tuner(cfg)
+    fs = resolve_storage(cfg.uri("tune"))[0]
+    scheduler_state(tuner, fs, path, save=False)
     start_search(cfg.public_dump(), str(cfg.path("tracking")), experiment_name(cfg))  # trials nest under it
     grid = tuner.fit()
     trials = grid._experiment_analysis.trials  # noqa: SLF001 - Trial objects carry the status
     expected = expected_trials(cfg)
     done = sum(trial_done(t) for t in trials)
     if done < expected:  # Tune returns normally on SIGINT after saving its state: no best.json, no export
+        scheduler_state(tuner, fs, path, save=True)
         print(f"[raylm tune] interrupted after {done} of {expected} trials; rerun the same command to resume "
               f"({path})", file=sys.stderr, flush=True)
         raise KeyboardInterrupt(f"interrupted after {done} of {expected} trials")
@@ -462,8 +488,7 @@ def tune(cfg: Config) -> dict:
     pick = min if cfg.tune.mode == "min" else max
     best = pick(scored, key=lambda r: r["metric"])
     best_cfg = with_overrides(cfg, best["hyperparameters"])
-    train_result = Result.from_path(f"{best['path']}/{TRAIN_RUN_NAME}",
-                                    storage_filesystem=resolve_storage(cfg.uri("tune"))[0])
+    train_result = Result.from_path(f"{best['path']}/{TRAIN_RUN_NAME}", storage_filesystem=fs)
     summary = export_result(best_cfg, train_result, manifest=manifest)
     log_exported_model(cfg.public_dump(), str(cfg.path("tracking")), experiment_name(cfg),
                        summary["model_dir"])
