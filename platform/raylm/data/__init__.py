@@ -224,8 +224,10 @@ def _prepare(cfg: Config) -> dict:
             write_staged(cleaned_documents(d, task), stage("cleaned"))
             staged = read_parquet(stage("cleaned"), per_file=True)
             extra = [c for c in ("language",) if c in staged.schema().names]
-            per = group_totals(staged, ["source", "reason"], {"n": (None, "count"), "chars": ("n_chars", "sum"),
-                                                               **{t: (f"pii_{t}", "sum") for t in PII_TYPES}})
+            totals = {"n": (None, "count"), "chars": ("n_chars", "sum"), **{t: (f"pii_{t}", "sum") for t in PII_TYPES}}
+            # the counts read only their columns (projected into the Parquet read), not the text
+            per = group_totals(staged.select_columns(["source", "reason", "n_chars"] + [f"pii_{t}" for t in PII_TYPES]),
+                               ["source", "reason"], totals)
             info.update(rows=sum(g["n"] for g in per), bytes=sum(g["chars"] or 0 for g in per))
         read_per_source = {s.name: 0 for s in d.sources}
         dropped: dict[str, int] = {}
@@ -297,36 +299,14 @@ def _prepare(cfg: Config) -> dict:
             tok = build_tokenizer(cfg, train_texts, work / "tokenizer")
             info.update(rows=sample["documents"], bytes=sample["bytes"])
 
-        # -- tokenize, shuffle, pack, write each split
+        # -- tokenize, shuffle, pack, write, one split after another (the three pipelines side by side in threads
+        # took 50 s against 40 s: each Ray Data executor budgets the whole cluster for itself)
         splits = {}
         for split in SPLITS:
             with progress.stage(f"tokenize+pack {split}") as info:
-                part = read_partition(stage("docs"), split, ["doc_id", "text", "label"])
                 groups = num_groups(split_chars[split])
-                if task == "classification":
-                    layout, layout_kwargs = classification_group, {"tokenizer": tok, "block_size": block, "label_map": label_map}
-                else:
-                    layout, layout_kwargs = pack_group, {"tokenizer": tok, "task": task, "block_size": block,
-                                                         "threads": group_threads(groups)}
-                out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
-                shards = [] if part is None else write_shards(shuffled_rows(part, seed, groups, layout, layout_kwargs),
-                                                              out, split, d.shards_per_split)
-                fs, path = resolve_storage(out)
-                n_rows = 0 if not shards else sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
-                if fractions[split] > 0 and not n_rows:
-                    raise EmptySplitError(f"data.split.{split}", f"{split_docs[split]} documents but not one block of "
-                                          f"{block} tokens; add documents, lower data.block_size, or set it to 0")
-                if not shards:  # an empty split still has one (empty) shard with the schema
-                    fs.create_dir(path)
-                    pq.write_table(SHARD_SCHEMAS[task == "classification"].empty_table(), f"{path}/{split}-00000.parquet",
-                                   filesystem=fs)
-                    shards = [f"{split}-00000.parquet"]
-                if task == "classification":
-                    tokens = int(read_parquet(out, ["attention_mask"]).map_batches(
-                        _mask_tokens, batch_format="pyarrow").sum("n") or 0) if n_rows else 0
-                else:
-                    tokens = n_rows * block
-                splits[split] = {"documents": split_docs[split], "tokens": tokens, "rows": n_rows, "shards": len(shards)}
+                splits[split] = tokenize_split(cfg, tok, label_map, stage("docs"), work, split, groups, split_docs[split],
+                                               threads=group_threads(groups))
                 info.update(rows=split_docs[split], bytes=split_chars[split])
 
         manifest = {
@@ -371,6 +351,37 @@ def _prepare(cfg: Config) -> dict:
           f"({sum(manifest['dropped'].values()):,} dropped, {dups['exact'] + dups['near']:,} duplicates); "
           f"tokens {per_split_tokens}; {manifest['wall_time_s']:.1f}s -> {final_dir}", flush=True)
     return manifest
+
+
+def tokenize_split(cfg: Config, tok, label_map: dict | None, staged: str, work: Path, split: str, groups: int,
+                   documents: int, threads: int) -> dict:
+    """One split's documents shuffled into `groups` pack groups, tokenized, laid out and written as its shards;
+    returns the split's manifest entry. An empty split still gets one (empty) shard with the schema."""
+    task, block, d = cfg.model.task, cfg.data.block_size, cfg.data
+    part = read_partition(staged, split, ["doc_id", "text", "label"])
+    if task == "classification":
+        layout, layout_kwargs = classification_group, {"tokenizer": tok, "block_size": block, "label_map": label_map}
+    else:
+        layout, layout_kwargs = pack_group, {"tokenizer": tok, "task": task, "block_size": block, "threads": threads}
+    out = task_dir(cfg, work, split)  # the run's temp dir, or the object store itself
+    shards = [] if part is None else write_shards(shuffled_rows(part, cfg.seed, groups, layout, layout_kwargs),
+                                                  out, split, d.shards_per_split)
+    fs, path = resolve_storage(out)
+    n_rows = 0 if not shards else sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows for p in list_files(out, ".parquet"))
+    if getattr(d.split, split) > 0 and not n_rows:
+        raise EmptySplitError(f"data.split.{split}", f"{documents} documents but not one block of "
+                              f"{block} tokens; add documents, lower data.block_size, or set it to 0")
+    if not shards:
+        fs.create_dir(path)
+        pq.write_table(SHARD_SCHEMAS[task == "classification"].empty_table(), f"{path}/{split}-00000.parquet",
+                       filesystem=fs)
+        shards = [f"{split}-00000.parquet"]
+    if task == "classification":
+        tokens = int(read_parquet(out, ["attention_mask"]).map_batches(
+            _mask_tokens, batch_format="pyarrow").sum("n") or 0) if n_rows else 0
+    else:
+        tokens = n_rows * block
+    return {"documents": documents, "tokens": tokens, "rows": n_rows, "shards": len(shards)}
 
 
 def _mask_tokens(t: pa.Table) -> pa.Table:

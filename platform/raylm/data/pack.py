@@ -15,6 +15,7 @@ than CPUs."""
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def pack_group(group: pa.Table, tokenizer, task: str, block_size: int, threads: 
         rows = [[*head, *e.ids, *tail] for e in backend.encode_batch(texts, add_special_tokens=False)]
         return pa.array(rows, pa.list_(pa.int32())).flatten().to_numpy()
 
-    parts = on_threads(ids, in_order(group)["text"].to_pylist(), threads)
+    # at most this node's cores: raylm's local cluster declares more logical CPUs than cores (runtime.init), and
+    # 4 tokenizer threads on 2 cores took 8% longer than 2 (a 23 MB split: 5.84 s vs 5.40 s in the group task)
+    parts = on_threads(ids, in_order(group)["text"].to_pylist(), min(threads, os.cpu_count() or 1))
     stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     n = len(stream) // block_size
     offsets = pa.array(np.arange(0, (n + 1) * block_size, block_size, dtype=np.int32))
