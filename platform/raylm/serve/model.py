@@ -298,7 +298,6 @@ class ModelServer:
     async def fill_mask(self, req: dict) -> list[list[dict]]:
         return await self.fill_mask_batch(req)
 
-
     def _embed(self, reqs: list[dict]) -> list[dict]:
         """Mean of the last hidden states over real tokens, L2-normalized (sentence-transformers' recipe)."""
         import torch
