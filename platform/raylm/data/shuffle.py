@@ -72,8 +72,13 @@ def group_totals(ds: ray.data.Dataset, keys: list[str], totals: dict[str, tuple[
     return [combined[g] for g in sorted(combined, key=lambda g: [(v is not None, v) for v in g])]
 
 
-def node_cpus() -> int:
-    """CPUs of the largest node (of this machine before Ray starts)."""
+def node_cores() -> list[int]:
+    """Each alive node's CPUs, the driver's own node counted at most at its core count (this machine's cores before
+    Ray starts): raylm's local cluster declares more CPUs than cores so data tasks fit beside training workers
+    (runtime.init), and a thread budget must not count those."""
     if not ray.is_initialized():
-        return os.cpu_count() or 1
-    return max(1, max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1))
+        return [os.cpu_count() or 1]
+    here = ray.get_runtime_context().get_node_id()
+    cpus = [(int(n["Resources"].get("CPU", 0)), n["NodeID"] == here) for n in ray.nodes() if n.get("Alive")]
+    cores = [min(c, os.cpu_count() or 1) if local else c for c, local in cpus]
+    return [c for c in cores if c > 0] or [1]
