@@ -15,7 +15,6 @@ than CPUs."""
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,9 +77,7 @@ def pack_group(group: pa.Table, tokenizer, task: str, block_size: int, threads: 
         rows = [[*head, *e.ids, *tail] for e in backend.encode_batch(texts, add_special_tokens=False)]
         return pa.array(rows, pa.list_(pa.int32())).flatten().to_numpy()
 
-    # at most this node's cores: raylm's local cluster declares more logical CPUs than cores (runtime.init), and
-    # 4 tokenizer threads on 2 cores took 8% longer than 2 (a 23 MB split: 5.84 s vs 5.40 s in the group task)
-    parts = on_threads(ids, in_order(group)["text"].to_pylist(), min(threads, os.cpu_count() or 1))
+    parts = on_threads(ids, in_order(group)["text"].to_pylist(), threads)
     stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     n = len(stream) // block_size
     offsets = pa.array(np.arange(0, (n + 1) * block_size, block_size, dtype=np.int32))
@@ -115,7 +112,8 @@ def each_group(block: pa.Table, layout, layout_kwargs: dict) -> pa.Table:
 def group_threads(groups: int) -> int:
     """Tokenizer threads per group task: the cluster's cores shared among the groups, at most one node's cores,
     so the stage never runs more threads than the cluster has cores (on 2 cores, 2 groups of 2 threads each ran
-    the bench's train split in 35.3 s against the plain arm's 27.5 s)."""
+    the bench's train split in 35.3 s against the plain arm's 27.5 s; 4 threads in one group task took a 23 MB
+    split 5.84 s against 5.40 s with 2)."""
     from raylm.data.shuffle import node_cores
 
     cores = node_cores()

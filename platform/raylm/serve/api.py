@@ -417,7 +417,7 @@ class ModelServerWithApi(HttpApi):
     replica), not two, and the API scales with the model's autoscaling."""
 
     def __init__(self, model_args: dict, **api_args):
-        # the API loads its own tokenizer: the server's encoder threads set truncation state on the server's
+        # the API loads its own tokenizer: the server's encoder threads set truncation state on the server's one
         super().__init__(InProcessModel(ModelServer.func_or_class(**model_args)), **api_args)
 
 
