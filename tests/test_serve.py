@@ -17,6 +17,19 @@ def post(url: str, body, headers=None, **kw) -> httpx.Response:
     return httpx.post(url, json=body, headers={**AUTH, **(headers or {})}, timeout=120, **kw)
 
 
+def haproxy_config() -> str:
+    """The config of the HAProxy that Ray Serve runs on this node, from its running process."""
+    import psutil
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and Path(cmd[0]).name == "haproxy" and "-f" in cmd and node in cmd[cmd.index("-f") + 1]:
+            return Path(cmd[cmd.index("-f") + 1]).read_text()
+    raise AssertionError(f"no HAProxy process for node {node}")
+
+
 def assert_error(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, (r.status_code, r.text)
     err = r.json()["error"]
@@ -34,6 +47,9 @@ def test_completions_greedy_stop_n_and_sse_stream(served):
     from ray import serve as ray_serve  # the default: each model replica serves the HTTP API itself (one hop)
 
     assert set(ray_serve.status().applications["tinygpt"].deployments) == {"ModelServer"}
+    # the private cluster runs Serve's high-throughput mode: HAProxy owns the served port and hands requests to the
+    # replica's own HTTP server (no proxy actor on the way)
+    assert f":{httpx.URL(url).port}" in haproxy_config(), "HAProxy does not serve the app's port"
 
     body = {"model": "tinygpt", "prompt": "def add", "max_tokens": 20, "temperature": 0}
     a, b = post(f"{url}/v1/completions", body).json(), post(f"{url}/v1/completions", body).json()
