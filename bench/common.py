@@ -141,12 +141,9 @@ def finish(res: Result, extra_lines: list[str] = ()) -> None:
 
 def private_ray(num_cpus: int | None = None, **kw) -> None:
     """A private local Ray cluster for this benchmark (never joins another engineer's head); token auth stays on."""
-    import ray
+    from raylm.runtime import LOCAL, ensure_ray
 
-    from raylm.runtime import cluster_process_env, private_cluster_env, runtime_env
-
-    if ray.is_initialized():
-        return
-    with cluster_process_env(private_cluster_env()):  # as raylm starts one: Serve's high-throughput mode
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
-                 runtime_env=runtime_env(joining=False), log_to_driver=kw.pop("log_to_driver", False), **kw)
+    # exactly as raylm starts one (its CPUs, runtime env, Serve's high-throughput mode)
+    if num_cpus is not None:
+        kw["num_cpus"] = num_cpus
+    ensure_ray(LOCAL, log_to_driver=kw.pop("log_to_driver", False), **kw)

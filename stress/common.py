@@ -24,11 +24,9 @@ def free_port() -> int:
 
 def start_ray(num_cpus: int = 4) -> None:
     """A private cluster for this run (never joins another one on the machine); token auth stays on."""
-    import ray
+    from raylm.runtime import LOCAL, ensure_ray
 
-    from raylm.runtime import runtime_env
-
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env=runtime_env(joining=False))
+    ensure_ray(LOCAL, num_cpus=num_cpus)  # exactly as raylm starts one (runtime env, Serve's high-throughput mode)
 
 
 def serve_tiny_gpt2(name: str = "stress", **serve_settings) -> str:

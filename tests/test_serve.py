@@ -88,17 +88,17 @@ def test_completions_greedy_stop_n_and_sse_stream(served):
 
 
 def test_private_cluster_runs_serve_high_throughput_unless_the_user_chose(monkeypatch):
-    from raylm.runtime import HAPROXY_PORT_ENVS, SERVE_HIGH_THROUGHPUT, private_cluster_env
+    from raylm.runtime import HAPROXY_PORT_ENVS, PRIVATE_DRAIN_S, SERVE_HIGH_THROUGHPUT, private_cluster_env
 
-    for name in (*SERVE_HIGH_THROUGHPUT, *HAPROXY_PORT_ENVS):
+    for name in (*SERVE_HIGH_THROUGHPUT, *PRIVATE_DRAIN_S, *HAPROXY_PORT_ENVS):
         monkeypatch.delenv(name, raising=False)
     env = private_cluster_env()
-    assert SERVE_HIGH_THROUGHPUT.items() <= env.items(), env
+    assert {**SERVE_HIGH_THROUGHPUT, **PRIVATE_DRAIN_S}.items() <= env.items(), env
     assert len({int(env[p]) for p in HAPROXY_PORT_ENVS}) == 2, env  # free ports, not HAProxy's fixed defaults
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's choice: Serve's own proxy, nothing else set
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     env = private_cluster_env()
-    assert not set(SERVE_HIGH_THROUGHPUT) & set(env) and "RAY_SERVE_HAPROXY_STATS_PORT" not in env, env
+    assert not {*SERVE_HIGH_THROUGHPUT, *PRIVATE_DRAIN_S, "RAY_SERVE_HAPROXY_STATS_PORT"} & set(env), env
 
 
 @pytest.mark.timeout(120)
