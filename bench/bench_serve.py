@@ -8,8 +8,9 @@ Both servers answer the same `POST /v1/completions` (greedy, max_tokens 16, the 
 thread count, each on a free loopback port. The baseline runs `model.generate` in FastAPI's thread pool, the way a
 bare FastAPI user would; Serve runs raylm's app as configured by default (the model replica serves the HTTP API
 itself; `--ingress-replicas 1` puts an ingress deployment in front, one hop more) on a private cluster as raylm
-starts one (Serve's high-throughput mode: HAProxy in front; RAY_SERVE_ENABLE_HA_PROXY=0 measures Serve's proxy). Clients: asyncio + httpx in this driver,
-1 and 16 at a time, interleaved A/B/B/A rounds. A no-op route (`GET /v1/models`) is measured separately.
+starts one (Serve's high-throughput mode: HAProxy in front; RAY_SERVE_ENABLE_HA_PROXY=0 measures Serve's proxy).
+Clients: asyncio + httpx in this driver, 1 and 16 at a time, interleaved A/B/B/A rounds. A no-op route
+(`GET /v1/models`) is measured separately.
 Correctness first: both return the same text for the request.
 Targets: added p50 <= 5 ms at 1 client; req/s >= 0.8x at 16 clients (the model's own time per request is printed:
 the target applies when it is >= 20 ms).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 CACHE = BENCH / ".cache"
 sys.path.insert(0, str(ROOT / "platform"))
+from raylm.runtime import free_port  # noqa: E402,F401 - the bench scripts take it from here
 
 
 def loadavg() -> str:
@@ -96,12 +96,6 @@ def matmul_peak(threads: int | None = None, n: int = 1024, seconds: float = 2.0)
         return best
     finally:
         torch.set_num_threads(old)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

