@@ -318,6 +318,33 @@ def test_pack_groups_run_no_more_tokenizer_threads_than_the_machine_has_cores(ra
         assert threads >= 1 and (threads == 1 or threads * groups <= cores), (groups, threads, cores)
 
 
+def test_a_light_staged_pass_reads_whole_files_in_as_many_tasks_as_the_cluster_has_cpus(ray_session, tmp_path):
+    """prepare stages ~150 small Parquet files (one per read task and split); its light passes (apply the drops and
+    split, copy the rejected, count, tokenize's read) ran one task per file and paid a task's fixed cost for each
+    (bench, 104 MB: split 5.3 s -> 2.0 s). A light read groups whole files (so it still fuses with the map after
+    it) into the cluster's CPUs' worth of tasks, more only past LIGHT_TASK_BYTES each; the heavy pass (dedup) keeps
+    one task per file."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylm.storage import read_parquet
+
+    for i in range(24):
+        pq.write_table(pa.table({"doc_id": [f"{i}-{j}" for j in range(10)], "n": list(range(10))}), tmp_path / f"part-{i:02d}.parquet")
+    cpus = int(ray_session.cluster_resources()["CPU"])
+
+    def read_tasks(**how) -> tuple[int, int]:
+        ds = read_parquet(tmp_path, ["doc_id"], **how).map_batches(lambda t: t, batch_format="pyarrow").materialize()
+        tasks = re.findall(r"Operator \d+ ReadParquet->MapBatches\(<lambda>\): (\d+) tasks executed", ds.stats())
+        assert len(tasks) == 1, ds.stats()  # the read fused with the map: no split read
+        return ds.count(), int(tasks[0])
+
+    assert read_tasks(light=True) == (240, min(24, cpus))
+    assert read_tasks(per_file=True) == (240, 24)
+
+
 def test_read_and_clean_run_in_one_task_per_file_range_and_a_single_file_uses_every_core(ray_session, tmp_path):
     """Cleaning runs inside the read task, on each table the reader yields: a map_batches(batch_size=256) after the
     read fused into it and bundled 256 of its inputs (file ranges) into one task, so a whole corpus was read and

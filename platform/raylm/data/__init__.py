@@ -198,9 +198,9 @@ def write_staged(ds: ray.data.Dataset, path: str | Path, partition_cols: list[st
 
 
 def read_partition(path: str, value: str, columns: list[str] | None = None) -> ray.data.Dataset | None:
-    """The staged documents of one split (or of `rejected`); None when no document landed there."""
+    """The staged documents of one split (or of `rejected`), for a light pass; None when no document landed there."""
     part = join(path, f"split={value}")
-    return read_parquet(part, columns, per_file=True) if list_files(part, ".parquet") else None
+    return read_parquet(part, columns, light=True) if list_files(part, ".parquet") else None
 
 
 def _prepare(cfg: Config) -> dict:
@@ -226,8 +226,8 @@ def _prepare(cfg: Config) -> dict:
             extra = [c for c in ("language",) if c in staged.schema().names]
             totals = {"n": (None, "count"), "chars": ("n_chars", "sum"), **{t: (f"pii_{t}", "sum") for t in PII_TYPES}}
             # the counts read only their columns (projected into the Parquet read), not the text
-            per = group_totals(staged.select_columns(["source", "reason", "n_chars"] + [f"pii_{t}" for t in PII_TYPES]),
-                               ["source", "reason"], totals)
+            per = group_totals(read_parquet(stage("cleaned"), ["source", "reason", "n_chars"] + [f"pii_{t}" for t in PII_TYPES],
+                                            light=True), ["source", "reason"], totals)
             info.update(rows=sum(g["n"] for g in per), bytes=sum(g["chars"] or 0 for g in per))
         read_per_source = {s.name: 0 for s in d.sources}
         dropped: dict[str, int] = {}
@@ -252,7 +252,7 @@ def _prepare(cfg: Config) -> dict:
 
         # -- one streaming pass: apply the drops, split each kept document; staged in one directory per split
         with progress.stage("split") as info:
-            marked = staged.select_columns(docs_cols + ["reason"]).map_batches(
+            marked = read_parquet(stage("cleaned"), docs_cols + ["reason"], light=True).map_batches(
                 mark_and_split, batch_format="pyarrow",
                 fn_kwargs={"drops": drops if dups["exact"] + dups["near"] else None, "fractions": fractions, "seed": seed})
             write_staged(marked, stage("docs"), partition_cols=["split"])
@@ -260,7 +260,7 @@ def _prepare(cfg: Config) -> dict:
                 write_staged(rejected, rejected_dir)
 
             def staged_docs(columns: list[str]) -> ray.data.Dataset:  # the kept documents' `columns`, every split
-                return read_parquet(stage("docs"), columns).map_batches(not_rejected, batch_format="pyarrow")
+                return read_parquet(stage("docs"), columns, light=True).map_batches(not_rejected, batch_format="pyarrow")
 
             # per-document audit trail: which split each kept document went to
             write_staged(staged_docs(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
