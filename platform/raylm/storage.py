@@ -70,8 +70,8 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, shuf
 
     `light`: whole files too, grouped into as few tasks as fill the cluster's CPUs or hold LIGHT_TASK_BYTES each,
     for a pass that does little per row (a filter, a hash, a copy, a count): one task per file made each such pass
-    over the ~150 small files prepare stages pay a task's fixed cost per file (bench, 104 MB: split 5.5-5.8 ->
-    4.3 s, tokenize+pack 24.2-25.3 -> 20.1-21.9 s).
+    over the ~150 small files prepare stages pay a task's fixed cost per file (bench prepare, 218 MB: split
+    7.9 -> 2.9 s, tokenize+pack 51.6 -> 45.9 s).
 
     Every raylm read (prepare's staged passes, the trainer's shards, evaluate's test split) goes through Ray Data's
     file-based Parquet datasource: Ray 2.60's default DataSourceV2 starts a pool of 32 `FooterReader` actors, each a
