@@ -31,7 +31,7 @@ ROUTES = {"classify": ("/v1/classify", CLASSIFY, classifier_dir), "completions":
 
 
 def classify_ceiling(model_dir: Path, batch: int, rounds: int = 3) -> dict:
-    """Seconds per request of the replica's `_classify` at batch 1 and in batches of `batch` (medians of `rounds`
+    """Milliseconds per request of the replica's `_classify` at batch 1 and in batches of `batch` (medians of `rounds`
     timed windows, THREADS torch threads) and their ratio: batching's gain at zero per-request overhead."""
     import torch
 

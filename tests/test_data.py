@@ -332,7 +332,8 @@ def test_a_light_staged_pass_reads_whole_files_in_as_many_tasks_as_the_cluster_h
     from raylm.storage import read_parquet
 
     for i in range(24):
-        pq.write_table(pa.table({"doc_id": [f"{i}-{j}" for j in range(10)], "n": list(range(10))}), tmp_path / f"part-{i:02d}.parquet")
+        rows = pa.table({"doc_id": [f"{i}-{j}" for j in range(10)], "n": list(range(10))})
+        pq.write_table(rows, tmp_path / f"part-{i:02d}.parquet")
     cpus = int(ray_session.cluster_resources()["CPU"])
 
     def read_tasks(**how) -> tuple[int, int]:

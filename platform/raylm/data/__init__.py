@@ -226,8 +226,8 @@ def _prepare(cfg: Config) -> dict:
             extra = [c for c in ("language",) if c in staged.schema().names]
             totals = {"n": (None, "count"), "chars": ("n_chars", "sum"), **{t: (f"pii_{t}", "sum") for t in PII_TYPES}}
             # the counts read only their columns (projected into the Parquet read), not the text
-            per = group_totals(read_parquet(stage("cleaned"), ["source", "reason", "n_chars"] + [f"pii_{t}" for t in PII_TYPES],
-                                            light=True), ["source", "reason"], totals)
+            count_columns = ["source", "reason", "n_chars"] + [f"pii_{t}" for t in PII_TYPES]
+            per = group_totals(read_parquet(stage("cleaned"), count_columns, light=True), ["source", "reason"], totals)
             info.update(rows=sum(g["n"] for g in per), bytes=sum(g["chars"] or 0 for g in per))
         read_per_source = {s.name: 0 for s in d.sources}
         dropped: dict[str, int] = {}
@@ -260,7 +260,8 @@ def _prepare(cfg: Config) -> dict:
                 write_staged(rejected, rejected_dir)
 
             def staged_docs(columns: list[str]) -> ray.data.Dataset:  # the kept documents' `columns`, every split
-                return read_parquet(stage("docs"), columns, light=True).map_batches(not_rejected, batch_format="pyarrow")
+                docs = read_parquet(stage("docs"), columns, light=True)
+                return docs.map_batches(not_rejected, batch_format="pyarrow")
 
             # per-document audit trail: which split each kept document went to
             write_staged(staged_docs(["doc_id", "split"]), task_dir(cfg, work, "documents.parquet"))
