@@ -78,6 +78,13 @@ PRIVATE_DRAIN_S = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
+def cluster_cpus() -> int:
+    """CPUs of the cluster (of this machine before Ray starts)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1)
+
+
 def free_port() -> int:
     """A TCP port free on loopback now (the OS picks it)."""
     with socket.socket() as s:

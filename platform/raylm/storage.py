@@ -79,14 +79,15 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, shuf
     cores was its first val read inside the training workers."""
     import ray.data
 
+    from raylm.runtime import cluster_cpus
+
     fs, in_fs = resolve(path)
     tasks = {}
     if per_file or light:
         infos = file_infos(path, ".parquet", recursive=True)
         n = len(infos)
         if light:
-            cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
-            n = min(n, max(cpus, -(-sum(i.size for i in infos) // LIGHT_TASK_BYTES)))
+            n = min(n, max(cluster_cpus(), -(-sum(i.size for i in infos) // LIGHT_TASK_BYTES)))
         tasks = {"override_num_blocks": max(1, n)}
     ctx = ray.data.DataContext.get_current()
     saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # chosen when read_parquet is called

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 
 from raylm.config import ConfigError, Source
-from raylm.data.shuffle import cluster_cpus
+from raylm.runtime import cluster_cpus
 
 COLUMNS = ["doc_id", "source", "format", "text", "label", "reason"]
 SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])

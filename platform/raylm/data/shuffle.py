@@ -21,11 +21,6 @@ import pyarrow as pa
 import ray
 
 
-def cluster_cpus() -> int:
-    """CPUs of the cluster (of this machine before Ray starts)."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1)
-
-
 def grouped(ds: ray.data.Dataset, key: str | list[str], partitions: int):
     """`ds.groupby(key)` over `partitions` combined blocks."""
     return ds.repartition(partitions).groupby(key, num_partitions=partitions)
