@@ -9,7 +9,7 @@ block 256, 4 shards per split) and the benchmark's pretrained BPE 8k tokenizer (
 sample, not what this compares), and write the same files: shards, `rejected/`, the per-document split list.
 A: one Python process, no Ray: raylm's JSONL parser and `clean_batch` (selectolax, ftfy, unicodedata) over
 batches of the file, datasketch MinHash + LSH with exact keys (`bench_dedup.plain_dedup`), the seeded split,
-`tokenizers` `encode_batch` (its own threads), a seeded shuffle, packing, pyarrow writes.
+`tokenizers` `encode_batch_fast` (its own threads; the call prepare makes), a seeded shuffle, packing, pyarrow writes.
 B: `raylm.data.prepare(cfg)` on a private Ray (ray.init and one untimed warm-up prepare of a small slice,
 which spawns and imports the workers, are start-up, reported apart).
 Correctness first: documents read, dropped by reason, the duplicate count and per split the documents are equal;
@@ -98,7 +98,7 @@ def plain_prepare(cfg, out: Path) -> dict:
     splits = {}
     for s in SPLITS:
         docs = [by_split[s][i] for i in rng.permutation(len(by_split[s]))]  # a seeded global order
-        stream = np.fromiter((i for e in backend.encode_batch([t for _, t in docs], add_special_tokens=False)
+        stream = np.fromiter((i for e in backend.encode_batch_fast([t for _, t in docs], add_special_tokens=False)
                               for i in (*e.ids, eos)), dtype=np.int32)
         n = len(stream) // block
         rows = stream[: n * block].reshape(n, block)
@@ -173,7 +173,7 @@ def main() -> None:
     max_groups = max(1, int(raw_mb * 1e6 // GROUP_CHARS) + 1)
     tokens_close = all(abs(a["splits"][s]["tokens"] - b["splits"][s]["tokens"]) <= max_groups * 256 for s in a["splits"])
     # what B could reach with zero overhead: A's single-process stages split across the cores, A's tokenize+pack as
-    # is (encode_batch already runs on every core there)
+    # is (encode_batch_fast already runs on every core there)
     cores = os.cpu_count() or 1
     a_tokenize = sum(v for k, v in found["A_stages"].items() if k.startswith("tokenize"))
     a_total = sum(found["A_stages"].values())

@@ -74,7 +74,8 @@ def pack_group(group: pa.Table, tokenizer, task: str, block_size: int, threads: 
         head, tail = [], [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]
 
     def ids(texts: list[str]) -> np.ndarray:
-        rows = [[*head, *e.ids, *tail] for e in backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch without character offsets (never read here): the same ids, 1.3-1.5x faster (bench tokenize)
+        rows = [[*head, *e.ids, *tail] for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         return pa.array(rows, pa.list_(pa.int32())).flatten().to_numpy()
 
     parts = on_threads(ids, in_order(group)["text"].to_pylist(), threads)
