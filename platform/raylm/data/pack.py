@@ -32,7 +32,7 @@ SHARD_SCHEMAS = {
     False: pa.schema([("input_ids", pa.list_(pa.int32()))]),
     True: pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("label", pa.int64())]),
 }
-ENCODE_DOCS = 256  # documents per encode_batch call: bounds the tokenizer's Encoding objects alive at once
+ENCODE_DOCS = 256  # documents per encode call: bounds the tokenizer's Encoding objects alive at once
 
 
 def order_keys(doc_ids: list[str], seed: int) -> np.ndarray:
